@@ -1,0 +1,54 @@
+# moon_fast: the two commands are `make test` and `make demo`. Everything else is set up on demand.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch 2.14.1 is a CUDA 13.0 build (needed to compile csrc/); it comes from the local wheel cache here.
+TORCH_SPEC ?= torch==2.14.1
+
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= 2
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export MPLBACKEND ?= Agg
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv build test test-fast demo bench lint env clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; set PYTHON=python3.x"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)" numpy ninja
+	MOON_FAST_SKIP_CUDA_BUILD=1 MOON_FAST_SKIP_EMU_BUILD=1 $(PIP) install -q --no-build-isolation -e '.[dev]'
+	touch $@
+
+# Builds (incrementally) moon_fast._C with nvcc and moon_fast._C_emu with the host compiler, in place.
+# flock: several shells may ask at once.
+build: venv
+	flock .build.lock $(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m moon_fast.cli env
+	$(PY) -m pytest -q tests
+
+test-fast: build
+	$(PY) -m pytest -q -m "not slow and not distributed" tests
+
+demo: build
+	$(PY) -m moon_fast.cli demo
+
+bench: build
+	$(PY) -m moon_fast.cli bench --quick --output bench_results
+
+lint: venv
+	$(VENV)/bin/ruff check moon_fast kernels benchmarks tests
+
+env: build
+	$(PY) -m moon_fast.cli env
+
+clean:
+	rm -rf build moon_fast/*.so .cache

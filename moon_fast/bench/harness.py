@@ -1,0 +1,264 @@
+"""Benchmark harness: time and peak memory of one workload, measured the same way for every op.
+
+A benchmark module (``moon_fast/bench/<op>.py``) describes cases; each case names a *builder*
+``"module:function"`` that, given ``backend``, ``dtype``, ``device`` and the case's shape parameters,
+returns a :class:`Workload` (forward and backward closures plus FLOP/byte counts). :func:`run_case`
+measures one case in a fresh subprocess, so that
+
+* CPU peak memory is the child's peak RSS above its RSS just before the first call (no allocator
+  caches left by an earlier case), and CUDA peak memory is ``max_memory_allocated`` above baseline;
+* a case that runs out of memory or crashes is recorded as such instead of killing the whole run.
+
+Times are medians and p20/p80 over repeats, after warm-up, with device synchronisation.
+Triton under the CPU interpreter is never timed (status ``not timed: triton interpreter``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Workload:
+    """What a builder returns. ``forward()`` returns the output(s); ``backward(out)`` back-propagates.
+    FLOP and byte counts are for one forward / one backward call (explicit formulas, not measured)."""
+
+    forward: Callable[[], object]
+    backward: Callable[[object], None] | None = None
+    flops_fwd: float = 0.0
+    flops_bwd: float = 0.0
+    bytes_fwd: float = 0.0
+    bytes_bwd: float = 0.0
+
+
+@dataclass
+class Case:
+    op: str
+    backend: str
+    dtype: str
+    params: dict
+    builder: str  # "module:function"
+    label: str = ""  # short x-axis label, e.g. "B=4096"
+
+    def key(self) -> str:
+        return f"{self.op}/{self.backend}/{self.dtype}/{self.label or self.params}"
+
+
+@dataclass
+class Result:
+    op: str
+    backend: str
+    dtype: str
+    label: str
+    params: dict
+    mode: str  # "fwd", "bwd", "fwd+bwd"
+    status: str = "ok"  # "ok", "oom", "unavailable: ...", "not timed: ...", "error: ..."
+    p50_s: float | None = None
+    p20_s: float | None = None
+    p80_s: float | None = None
+    peak_mem_bytes: int | None = None
+    flops: float | None = None
+    tflops: float | None = None
+    gbps: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- machine description
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+        return (out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    import importlib.metadata as md
+
+    def v(dist):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    gpu = torch.cuda.is_available()
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "host_cpu": cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": v("triton"),
+        "transformers": v("transformers"),
+        "deepspeed": v("deepspeed"),
+        "open_clip": v("open_clip_torch"),
+    }
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def quantiles(times: list[float]) -> tuple[float, float, float]:
+    t = torch.tensor(times, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int,
+              setup: Callable[[], object] | None = None, max_seconds: float = 60.0) -> list[float]:
+    """Times ``fn(setup())`` (or ``fn()``); ``setup`` runs untimed before each call. Stops early past
+    ``max_seconds`` of measured time (at least 3 repeats)."""
+    for _ in range(warmup):
+        arg = setup() if setup else None
+        fn(arg) if setup else fn()
+    synchronize(device)
+    times: list[float] = []
+    spent = 0.0
+    for i in range(repeats):
+        arg = setup() if setup else None
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn(arg) if setup else fn()
+        synchronize(device)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        spent += dt
+        if spent > max_seconds and i >= 2:
+            break
+    return times
+
+
+def measure(case: Case, *, warmup: int = 1, repeats: int = 5, device: str | None = None) -> list[Result]:
+    """Measures one case in this process: peak memory of one forward+backward, then time of
+    forward, backward and forward+backward. Run it through :func:`run_case` for clean memory figures."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base = dict(op=case.op, backend=case.backend, dtype=case.dtype, label=case.label, params=case.params)
+    if case.backend == "triton" and dev.type == "cpu":
+        return [Result(**base, mode=m, status="not timed: triton interpreter on CPU")
+                for m in ("fwd", "bwd", "fwd+bwd")]
+    mod_name, fn_name = case.builder.split(":")
+    builder = getattr(importlib.import_module(mod_name), fn_name)
+    work: Workload = builder(backend=case.backend, dtype=DTYPES[case.dtype], device=dev, **case.params)
+
+    def full():
+        out = work.forward()
+        if work.backward is not None:
+            work.backward(out)
+
+    # Peak memory of one forward+backward above what exists now (inputs, weights).
+    synchronize(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        full()
+        synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - before
+    else:
+        before = _rss_bytes()
+        full()
+        peak = max(0, _peak_rss_bytes() - before)
+
+    results = []
+    t_fwd = time_call(lambda: work.forward(), dev, warmup=warmup, repeats=repeats)
+    results.append(Result(**base, mode="fwd", flops=work.flops_fwd, extra={"bytes": work.bytes_fwd}))
+    results[-1].p50_s, results[-1].p20_s, results[-1].p80_s = quantiles(t_fwd)
+    if work.backward is not None:
+        t_bwd = time_call(work.backward, dev, warmup=warmup, repeats=repeats, setup=work.forward)
+        results.append(Result(**base, mode="bwd", flops=work.flops_bwd, extra={"bytes": work.bytes_bwd}))
+        results[-1].p50_s, results[-1].p20_s, results[-1].p80_s = quantiles(t_bwd)
+        t_full = time_call(full, dev, warmup=warmup, repeats=repeats)
+        results.append(Result(**base, mode="fwd+bwd", flops=work.flops_fwd + work.flops_bwd,
+                              extra={"bytes": work.bytes_fwd + work.bytes_bwd}))
+        results[-1].p50_s, results[-1].p20_s, results[-1].p80_s = quantiles(t_full)
+    for r in results:
+        r.peak_mem_bytes = int(peak)
+        if r.flops and r.p50_s:
+            r.tflops = r.flops / r.p50_s / 1e12
+        if r.extra.get("bytes") and r.p50_s:
+            r.gbps = r.extra["bytes"] / r.p50_s / 1e9
+    return results
+
+
+def run_case(case: Case, *, warmup: int = 1, repeats: int = 5, timeout_s: float = 900.0,
+             env: dict | None = None) -> list[Result]:
+    """Runs :func:`measure` for ``case`` in a fresh Python process and returns its results; an
+    out-of-memory kill, a crash or a timeout becomes a result with that status."""
+    payload = json.dumps({"case": asdict(case), "warmup": warmup, "repeats": repeats})
+    base = dict(op=case.op, backend=case.backend, dtype=case.dtype, label=case.label, params=case.params)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "moon_fast.bench.harness", payload], capture_output=True,
+                              text=True, timeout=timeout_s, env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        return [Result(**base, mode="fwd+bwd", status=f"error: timed out after {timeout_s:.0f} s")]
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+        oom = proc.returncode in (-9, 137) or "out of memory" in proc.stderr.lower() or "MemoryError" in proc.stderr
+        status = "oom" if oom else f"error: {tail[0][:300]}"
+        return [Result(**base, mode="fwd+bwd", status=status)]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MOON_FAST_BENCH ")][-1]
+    return [Result(**r) for r in json.loads(line[len("MOON_FAST_BENCH "):])]
+
+
+def _worker(payload: str) -> None:
+    args = json.loads(payload)
+    case = Case(**args["case"])
+    try:
+        results = measure(case, warmup=args["warmup"], repeats=args["repeats"])
+    except Exception as exc:  # report the failure as a result rather than a traceback to parse
+        from moon_fast.backends import BackendUnavailable
+
+        status = f"unavailable: {exc}" if isinstance(exc, BackendUnavailable) else f"error: {type(exc).__name__}: {exc}"
+        if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+            status = "oom"
+        results = [Result(op=case.op, backend=case.backend, dtype=case.dtype, label=case.label, params=case.params,
+                          mode="fwd+bwd", status=status[:500])]
+    print("MOON_FAST_BENCH " + json.dumps([asdict(r) for r in results]), flush=True)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

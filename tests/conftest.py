@@ -1,0 +1,43 @@
+"""Test conventions shared by the whole suite.
+
+* Triton runs in interpreter mode when there is no GPU (set here, before anything imports triton).
+* Every test starts from a fixed seed (``seed`` fixture is autouse); tests that want fresh inputs per
+  parametrisation derive them from the seed and their parameters.
+* Markers: ``gpu`` (deselected when no CUDA GPU is present, with the reason), ``distributed``
+  (spawns processes), ``slow`` (run in CI; `make test-fast` leaves them out).
+* Per-dtype tolerances and output poisoning live in tests/utils.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+    yield 0
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if HAS_GPU else "cpu")
