@@ -56,7 +56,8 @@ def nvidia_wheel_includes() -> list[str]:
     for base in getattr(nvidia, "__path__", []):
         dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
         dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
-    return [d for d in dirs if glob.glob(os.path.join(d, "cusparse*.h")) or glob.glob(os.path.join(d, "cublas*.h"))]
+    found = [d for d in dirs if glob.glob(os.path.join(d, "cusparse*.h")) or glob.glob(os.path.join(d, "cublas*.h"))]
+    return list(dict.fromkeys(found))  # the two globs overlap
 
 
 def emu_wrappers() -> list[str]:
