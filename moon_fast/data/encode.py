@@ -1,0 +1,99 @@
+"""Embedding MBE-format records with a model (used by evaluation and by consistency filtering)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .catalog import BadRecordError, resolve
+from .collate import COMP_ID, Sample, pack
+from .images import ImageCache, merge_size_of
+
+
+def load_records(path: str | os.PathLike) -> list[dict]:
+    """MBE-format records from a JSON list or JSONL file, with image paths made absolute (relative
+    paths are relative to the file's directory)."""
+    p = Path(path)
+    text = p.read_text()
+    if p.suffix == ".json" or text.lstrip().startswith("["):
+        recs = json.loads(text)
+    else:
+        recs = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise BadRecordError(f"{p}:{i + 1}: malformed JSON ({e.msg})") from e
+    for r in recs:
+        for k in ("image", "query_image"):
+            if isinstance(r.get(k), str):
+                r[k] = resolve(p.parent, r[k])
+    return recs
+
+
+def _record_fields(r: dict, side: str) -> tuple[str | None, str | None]:
+    if side == "query":
+        return r.get("query_text") or r.get("title"), r.get("query_image") or r.get("image")
+    if side != "product":
+        raise ValueError(f"side={side!r}: expected 'product' or 'query'")
+    img = r.get("image")
+    if img is None and r.get("images"):
+        img = r["images"][0]
+    return r.get("title"), img
+
+
+@torch.no_grad()
+def encode_records(model, records: list[dict], tokenizer, image_processor, composition: str = "mm",
+                   batch_size: int = 64, *, side: str = "product", root: str | os.PathLike | None = None,
+                   max_text_tokens: int = 48, device: torch.device | str | None = None) -> torch.Tensor:
+    """Embeddings (n, D) of ``records`` in ``composition`` t / i / mm.
+
+    side="product" embeds ``title`` / ``image``; side="query" embeds ``query_text`` / ``query_image``
+    (falling back to title / image). Relative image paths resolve against ``root`` (default: as given).
+    ``tokenizer``: a TextTokenizer (see load_tokenizer) or a path to one.
+    """
+    from .tokenizer import TextTokenizer, load_tokenizer
+
+    if composition not in COMP_ID:
+        raise ValueError(f"composition={composition!r}: expected one of t, i, mm")
+    if not isinstance(tokenizer, TextTokenizer):
+        tokenizer = load_tokenizer(tokenizer)
+    if not records:
+        raise ValueError("encode_records: no records")
+    cache = ImageCache(image_processor, max_bytes=0)
+    merge = merge_size_of(image_processor)
+    was_training = model.training
+    model.eval()
+    if device is None:
+        device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    out = []
+    try:
+        for start in range(0, len(records), batch_size):
+            samples = []
+            for j, r in enumerate(records[start:start + batch_size], start):
+                where = f"record {j} (product {r.get('product_id', '?')})"
+                text, image = _record_fields(r, side)
+                ids: list[int] = []
+                pv = thw = None
+                if composition in ("i", "mm"):
+                    if not image:
+                        raise BadRecordError(f"{where}: no image for composition {composition}")
+                    pv, thw = cache.get(resolve(Path(root), image) if root else image, where)
+                    n = int(thw.prod()) // (merge * merge)
+                    ids = [tokenizer.vision_start_id] + [tokenizer.image_pad_id] * n + [tokenizer.vision_end_id]
+                if composition in ("t", "mm"):
+                    t = tokenizer.encode(text or "")[:max_text_tokens]
+                    if not t:
+                        raise BadRecordError(f"{where}: no text for composition {composition}")
+                    ids = ids + t
+                samples.append(Sample(ids, COMP_ID[composition], pv, thw))
+            batch = pack(samples).to(device, dtype=dtype if dtype.is_floating_point else None)
+            out.append(model.encode(batch).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,322 @@
+"""The training loop: data -> model.compute_loss -> engine (DeepSpeed ZeRO or torch), with logging,
+atomic checkpoints, exact resume, the final model in transformers' format and a zero-shot evaluation.
+
+Run directory layout: ``config.yaml`` (the resolved config it ran with), ``metrics.jsonl``,
+``checkpoints/step_XXXXXX/``, ``final/`` (model + tokenizer + image processor), ``eval.json``, ``tb/``,
+``profile/`` (when train.profile_steps is set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import _crash_point, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, micro_batch, save_config, validate
+from .distributed import all_reduce_mean, all_reduce_sum, barrier, setup, teardown, union_keys
+from .engine import deepspeed_available, make_engine
+from .metrics import MetricsWriter, device_peak, peak_memory_mb
+
+
+def _say(info, *a) -> None:
+    if info.is_main:
+        print(*a, file=sys.stderr, flush=True)
+
+
+def resolve_data(cfg: Config, info) -> Path:
+    """The catalog directory; the embedded synthetic catalog is generated on first use (rank 0 first)."""
+    if cfg.data.path:
+        return Path(cfg.data.path).resolve()
+    from moon_fast.data.synth import ensure_synthetic
+
+    if info.is_main:
+        path = ensure_synthetic(cfg.data.synth_products, cfg.data.synth_seed)
+    barrier()
+    if not info.is_main:
+        path = ensure_synthetic(cfg.data.synth_products, cfg.data.synth_seed, verbose=False)
+    return Path(path).resolve()
+
+
+def build_model(cfg: Config):
+    from moon_fast.model import MoonModel
+
+    opts = copy.deepcopy(cfg.model.options)
+    m = cfg.model
+    if m.pretrained:
+        model = MoonModel.from_pretrained(m.pretrained)
+        if opts:
+            from moon_fast.model.config import apply_overrides
+
+            apply_overrides(model.moon_config, opts)
+    elif m.backbone_checkpoint:
+        model = MoonModel.from_backbone_checkpoint(m.backbone_checkpoint, **opts)
+    else:
+        model = MoonModel.from_preset(m.preset, **opts)
+    if m.activation_checkpointing:
+        target = model if hasattr(model, "gradient_checkpointing_enable") else getattr(model, "backbone", None)
+        if target is None or not hasattr(target, "gradient_checkpointing_enable"):
+            raise ConfigError("model.activation_checkpointing: this model has no gradient_checkpointing_enable()")
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def build_tokenizer(cfg: Config, data_dir: Path):
+    """The checkpoint's own tokenizer when it has one, else the catalog's tokenizer.json, else one
+    trained on the catalog's text now."""
+    from moon_fast.data.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
+
+    for d in (cfg.model.pretrained, cfg.model.backbone_checkpoint):
+        if d and ((Path(d) / "tokenizer.json").exists() or (Path(d) / "tokenizer_config.json").exists()):
+            return load_tokenizer(d)
+    if (data_dir / "tokenizer.json").exists():
+        return load_tokenizer(data_dir)
+    from moon_fast.data.catalog import Catalog
+
+    cat = Catalog(data_dir)
+    tok = train_tokenizer([p.title for p in cat.products] + [p.description for p in cat.products if p.description])
+    return TextTokenizer(tok, source="trained on the catalog")
+
+
+def _vocab_size(model) -> int | None:
+    try:
+        return int(model.moon_config.backbone.text_config.vocab_size)
+    except AttributeError:
+        emb = getattr(model, "get_input_embeddings", None)
+        return emb().num_embeddings if emb else None
+
+
+def train(cfg: Config, output: str | os.PathLike, resume: bool = False) -> dict:
+    """Runs (or resumes) a training run into ``output``; returns a summary dict (rank 0's view).
+    Every rank of a torchrun / deepspeed launch calls this."""
+    engine_kind = cfg.distributed.engine
+    if engine_kind == "auto":
+        engine_kind = "deepspeed" if deepspeed_available() else "torch"
+    cfg = copy.deepcopy(cfg)
+    cfg.distributed.engine = engine_kind
+    info = setup(cfg.distributed.backend, need_group=engine_kind == "deepspeed")
+    try:
+        return _train(cfg, Path(output), resume, info)
+    finally:
+        teardown(info)
+
+
+def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
+    validate(cfg, info.world)
+    engine_kind = cfg.distributed.engine
+    t_start = time.perf_counter()
+    ckpt = None
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {out / 'checkpoints'} (missing checkpoint "
+                              f"directory); start without --resume")
+    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue it, or choose another --output")
+    gpu = info.device.type == "cuda"
+    dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "fp32": torch.float32,
+             "bf16": torch.bfloat16}[cfg.train.dtype]
+
+    data_dir = resolve_data(cfg, info)
+    cfg.data.path = str(data_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / ("config.yaml" if not resume else "config.resume.yaml"))
+        if resume and not (out / "config.yaml").exists():
+            save_config(cfg, out / "config.yaml")
+    barrier()
+
+    seed = cfg.train.seed
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    model = build_model(cfg)
+    tokenizer = build_tokenizer(cfg, data_dir)
+    vs = _vocab_size(model)
+    if vs is not None and tokenizer.vocab_size > vs:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vs}")
+
+    from moon_fast.data import BadRecordCounter, Catalog, ImageCache, SampleBuilder, TripletLoader
+    from moon_fast.data.images import image_processor_for
+    from moon_fast.data.loader import Prefetcher
+
+    processor = image_processor_for(model)
+    bad = BadRecordCounter(max_fraction=cfg.data.max_bad_fraction, grace=cfg.data.bad_record_grace)
+    catalog = Catalog(data_dir, bad=bad)
+    builder = SampleBuilder(tokenizer, ImageCache(processor, cfg.data.image_cache_mb << 20), cfg.data.max_text_tokens)
+    mb = micro_batch(cfg, info.world)
+    loader = TripletLoader(data_dir, catalog, builder, micro_batch=mb, grad_accum=cfg.train.grad_accum,
+                           rank=info.rank, world=info.world, seed=seed, mode=cfg.data.mode, bad=bad)
+
+    # Counted before the engine exists: ZeRO-3 partitions the parameters (numel 0 on every rank).
+    n_params = sum(p.numel() for p in model.parameters())
+    fpt = float(model.flops_per_token()) if hasattr(model, "flops_per_token") else None
+    if engine_kind == "torch":
+        model.to(info.device)
+    engine = make_engine(model, cfg, info.world, info.device, dtype, mb)
+    start = 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, engine, info.rank, info.world)
+        loader.load_state_dict(state["data"])
+        start = state["meta"]["step"]
+        _say(info, f"resumed from {ckpt} at step {start}")
+    loader = Prefetcher(loader, enabled=cfg.data.prefetch)
+    max_steps = cfg.train.max_steps
+    peak, peak_src = device_peak(info.device, dtype)
+    _say(info, f"training {cfg.model.preset if not cfg.model.pretrained else cfg.model.pretrained} on {data_dir}: "
+               f"{len(catalog)} products, world {info.world} x micro {mb} x accum {cfg.train.grad_accum} = global "
+               f"{cfg.train.global_batch}, {engine_kind} ZeRO-{cfg.distributed.zero_stage}, {dtype}, "
+               f"{info.device}, params {n_params}, peak {peak:.3g} TFLOP/s ({peak_src})")
+
+    writer = MetricsWriter(out, info.is_main, cfg.train.tensorboard, resume)
+    if resume:
+        writer.truncate_after(start)
+    from tqdm import tqdm
+
+    bar = tqdm(total=max_steps, initial=start, disable=not (info.is_main and cfg.train.progress),
+               dynamic_ncols=True, mininterval=1.0, desc="train", file=sys.stderr)
+    win = _Window()
+    prof = None
+    gather = cfg.train.gather and info.world > 1
+    last_record: dict = {}
+    step = start
+    while step < max_steps:
+        if cfg.train.profile_steps and step + 1 == cfg.train.profile_steps[0]:
+            prof = _start_profiler(gpu)
+        t0 = time.perf_counter()
+        data_s = 0.0
+        for _ in range(cfg.train.grad_accum):
+            td = time.perf_counter()
+            batch = loader.next()
+            win.tokens += batch.encoder.input_ids.numel()
+            win.samples += batch.query.numel()
+            batch = batch.to(info.device, dtype=dtype)
+            data_s += time.perf_counter() - td
+            with (torch.profiler.record_function("forward") if prof else contextlib.nullcontext()):
+                res = engine.forward(batch, step / max_steps, gather)
+            engine.backward(res.loss)
+            win.add(float(res.loss.detach()), res.metrics)
+        lr = engine.lr()  # the rate this step used (the scheduler moves on in step())
+        engine.step()
+        if gpu:
+            torch.cuda.synchronize()
+        step += 1
+        win.time += time.perf_counter() - t0
+        win.data_time += data_s
+        win.steps += 1
+        if prof is not None and step == cfg.train.profile_steps[1]:
+            _stop_profiler(prof, out, info.rank, cfg.train.profile_steps)
+            prof = None
+        if step % cfg.train.log_every == 0 or step == max_steps or step == start + 1:
+            rec = win.reduce(info.world)
+            rec.update(step=step, lr=lr, grad_norm=engine.last_grad_norm,
+                       bad_records=int(all_reduce_sum(bad.bad)))
+            if fpt:
+                rec["tflops"] = fpt * rec["tokens_per_s"] / 1e12
+                rec["mfu"] = rec["tflops"] / (peak * info.world)
+            rec["peak_memory_mb"] = peak_memory_mb(info.device)
+            ds = loader.state_dict()
+            rec["epoch"] = round(ds["pos"] / ds["n"], 3) if ds["mode"] == "memory" else ds["epoch"]
+            last_record = rec
+            writer.log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.1f}", refresh=False)
+            if not cfg.train.progress:
+                _say(info, f"step {step}/{max_steps} loss {rec['loss']:.4f} samples/s {rec['samples_per_s']:.1f} "
+                           f"tokens/s {rec['tokens_per_s']:.0f}")
+            win = _Window()
+        bar.update(1)
+        if step % cfg.train.checkpoint_every == 0 or step == max_steps:
+            save_checkpoint(out, step, engine, info.rank, info.world, {"data": loader.state_dict()},
+                            {"max_steps": max_steps, "global_batch": cfg.train.global_batch},
+                            cfg.train.keep_checkpoints)
+        _crash_point("step", step)
+    bar.close()
+    writer.close()
+    loader.close()
+
+    final = out / "final"
+    with engine.gathered_params():
+        if info.is_main:
+            model.save_pretrained(str(final))
+            tokenizer.save(final)
+            processor.save_pretrained(str(final))
+    barrier()
+    summary = {"run": str(out), "steps": step, "train_seconds": time.perf_counter() - t_start,
+               "last": last_record, "data": str(data_dir), "bad_records": bad.state_dict()}
+    if info.is_main and cfg.train.evaluate:
+        heldout = data_dir / "heldout.jsonl"
+        if heldout.exists():
+            from moon_fast.eval import evaluate_checkpoint
+
+            summary["eval"] = evaluate_checkpoint(str(out), data=str(heldout), output=str(out / "eval.json"),
+                                                  batch_size=cfg.train.eval_batch_size)
+        else:
+            _say(info, f"no {heldout}: skipping the zero-shot evaluation")
+    barrier()
+    return summary
+
+
+class _Window:
+    """Accumulates a logging window's losses, metrics, tokens and time on one rank."""
+
+    def __init__(self):
+        self.loss_sum, self.n, self.tokens, self.samples = 0.0, 0, 0, 0
+        self.time = self.data_time = 0.0
+        self.steps = 0
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, loss: float, metrics: dict) -> None:
+        self.loss_sum += loss
+        self.n += 1
+        for k, v in (metrics or {}).items():
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(v):
+                self.sums[k] = self.sums.get(k, 0.0) + v
+                self.counts[k] = self.counts.get(k, 0) + 1
+
+    def reduce(self, world: int) -> dict:
+        keys = union_keys(list(self.sums))
+        vals = {"loss": self.loss_sum / max(1, self.n), "time": self.time, "data_time": self.data_time}
+        for k in keys:
+            vals["s/" + k] = self.sums.get(k, 0.0)
+            vals["c/" + k] = float(self.counts.get(k, 0))
+        vals = all_reduce_mean(vals, world)
+        tokens = all_reduce_sum(self.tokens)
+        samples = all_reduce_sum(self.samples)
+        t = max(vals["time"], 1e-9)  # mean over ranks of the window's wall time
+        rec = {"loss": vals["loss"], "samples_per_s": samples / t, "tokens_per_s": tokens / t,
+               "step_time_s": t / max(1, self.steps), "data_time_frac": vals["data_time"] / t}
+        for k in keys:
+            c = vals["c/" + k]
+            if c > 0:
+                rec[k] = vals["s/" + k] / c
+        return rec
+
+
+def _start_profiler(gpu: bool):
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+    prof = torch.profiler.profile(activities=acts, record_shapes=True, with_stack=False)
+    prof.__enter__()
+    return prof
+
+
+def _stop_profiler(prof, out: Path, rank: int, steps) -> None:
+    prof.__exit__(None, None, None)
+    d = out / "profile"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"trace_rank{rank}_steps{steps[0]}-{steps[1]}.json"
+    prof.export_chrome_trace(str(path))
+    if rank == 0:
+        print(f"profiler trace of steps {steps[0]}..{steps[1]} written to {path}", file=sys.stderr)

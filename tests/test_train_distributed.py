@@ -1,0 +1,132 @@
+"""End-to-end training runs in subprocesses: 2-process ZeRO-2 / ZeRO-3 (gloo, CPU) against 1 process on
+the same global batch, and kill + resume against an uninterrupted run.
+
+Each run is `python -m moon_fast.cli train` (under torch.distributed.run for 2 processes) on a small
+synthetic catalog with the `ci` preset (tiny model, global batch 8, 4 steps, checkpoint every 2).
+For the 1-vs-2-process comparison, the learned objective weights and the load-balancing loss are
+switched off: both are, by the method's definition, batch statistics computed per rank (a 2-rank run
+legitimately differs from one rank holding the whole batch); the catalog has multimodal queries only,
+for the same reason (per-modality losses are means over each rank's queries). The intra-product
+loss is switched off too: with gather=True it currently back-propagates a 1/world_size share of its
+gradient under data-parallel averaging (the model computes it with reduction="mean", whose gather
+convention is sum-over-ranks, while the inter losses use the averaging convention), so with it on a
+2-rank run's steps 2.. differ by ~0.4% (see the report; a model-side fix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+REPO = Path(__file__).resolve().parents[1]
+EXACT = ["model.options.loss.learned_objective_weights=false", "model.options.loss.aux_coef=0.0",
+         "model.options.loss.intra=false"]
+COMMON = ["train.max_steps=4", "train.global_batch=8", "train.checkpoint_every=2",
+          "train.log_every=1", "train.evaluate=false"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    e["MOON_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    e["OMP_NUM_THREADS"] = "1"
+    e.pop("MOON_FAST_CRASH", None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from moon_fast.data import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("data") / "cat", products=60, seed=1, mix=(0, 0, 1), workers=1,
+                      verbose=False)
+
+
+def _train(out: Path, data: Path, env: dict, *extra: str, nproc: int = 1, crash: str | None = None,
+           resume: bool = False) -> subprocess.CompletedProcess:
+    args = ["train", "--config", "ci", "--data", str(data), "--output", str(out)]
+    if resume:
+        args.append("--resume")
+    args += [*COMMON, *extra]  # key=value overrides come last
+    cmd = [sys.executable, "-m", "moon_fast.cli", *args]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "moon_fast.cli", *args]
+    e = dict(env)
+    if crash:
+        e["MOON_FAST_CRASH"] = crash
+    return subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss"] for r in recs}
+
+
+def _ok(p: subprocess.CompletedProcess) -> None:
+    assert p.returncode == 0, f"rc={p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data, env):
+    """1-process runs by model options, made on first use."""
+    runs: dict[tuple, Path] = {}
+
+    def get(*options: str) -> Path:
+        if options not in runs:
+            out = tmp_path_factory.mktemp("ref") / "run"
+            _ok(_train(out, data, env, "distributed.zero_stage=2", *EXACT, *options))
+            runs[options] = out
+        return runs[options]
+
+    return get
+
+
+# ZeRO-3 runs with dense MLPs: with the MoE layer, ZeRO-3's backward currently fails inside the model
+# ("The size of tensor a (0) must match the size of tensor b (4) at non-singleton dimension 1", a
+# partitioned parameter seen empty in the backward; reported to the model's owner).
+OPTIONS = {2: (), 3: ("model.options.moe.enabled=false",)}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_match_one(stage, tmp_path, data, env, reference):
+    out = tmp_path / f"zero{stage}"
+    _ok(_train(out, data, env, f"distributed.zero_stage={stage}", *EXACT, *OPTIONS[stage], nproc=2))
+    one, two = _losses(reference(*OPTIONS[stage])), _losses(out)
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-3, abs=1e-5), (step, one, two)
+    assert two[1] == pytest.approx(one[1], rel=1e-5)  # before any update: the same global loss
+    # The run directory is complete: config, metrics, checkpoints (last step included), final model.
+    assert (out / "config.yaml").is_file() and (out / "final" / "config.json").is_file()
+    assert (out / "checkpoints" / "step_000004" / "COMPLETE").is_file()
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    for k in ("step", "loss", "samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_memory_mb", "lr"):
+        assert k in rec
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path, data, env, reference):
+    out = tmp_path / "crashy"
+    # Killed (SIGKILL) while writing the step-4 checkpoint, after the step-2 one completed.
+    p = _train(out, data, env, "distributed.zero_stage=2", *EXACT, crash="save:4")
+    assert p.returncode != 0
+    ckpts = sorted(x.name for x in (out / "checkpoints").iterdir())
+    assert ckpts == [".tmp-step_000004", "step_000002"], ckpts  # the half-written one is not a checkpoint
+    assert not (out / "checkpoints" / ".tmp-step_000004" / "COMPLETE").exists()
+    p = _train(out, data, env, "distributed.zero_stage=2", *EXACT, resume=True)
+    _ok(p)
+    assert "resumed from" in p.stderr and "step_000002" in p.stderr
+    ref, res = _losses(reference()), _losses(out)
+    assert sorted(res) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert res[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, res)
+    assert sorted(x.name for x in (out / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+
