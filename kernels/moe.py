@@ -1,0 +1,333 @@
+"""Triton backend of ``moe_mlp``: grouped GEMMs over expert-contiguous row tiles.
+
+Routing bookkeeping (stable sort, offsets, tile schedule) is a handful of small torch ops on the device
+(no host synchronisation: the grid is sized by the upper bound cdiv(S, BM) + E tiles and surplus tiles
+exit at once). S = T * k slots, rows in expert-contiguous order (moon_fast.ops.moe_routing).
+
+Kernels (shapes above each):
+* ``_swiglu_up_kernel``: h = silu(X[token] Wg^T) * (X[token] Wu^T), the gather of token rows fused into
+  the A loads and the SwiGLU into the epilogue (two accumulators); optionally also stores the
+  pre-activation for the backward.
+* ``_grouped_rows_kernel``: C = (scale * A[a_idx]) @ B[e] per row tile, with optional row gather and
+  scale on A, optional scatter of C rows (to slot order: a permutation, so no atomics), or the SwiGLU
+  backward in the epilogue (dgate, dup and the recomputed h).
+* ``_grouped_wgrad_kernel``: dW[e] = (scale * A[a_idx])^T B[b_idx] over expert e's rows (zero when it has
+  none): the weight gradients.
+The k contributions of each token are combined by a (1 x k) @ (k x H) bmm per token in torch, which
+is deterministic and also gives the gradient of the routing weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from moon_fast.kernels._utils import compute_dtype_for, interpreting
+from torch.autograd.function import once_differentiable
+
+from moon_fast.ops.moe_routing import Routing, route
+
+
+def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Output allocation; tests replace it to poison outputs with NaN before the kernels write them."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def tile_sizes(dtype: torch.dtype) -> dict:
+    """BM, BN, BK, warps, stages. Small tiles under the interpreter (cost grows with program instances x
+    loop steps); tensor-core-sized tiles on a GPU (the SwiGLU kernel halves BN: it holds two
+    accumulators)."""
+    if interpreting():
+        return {"BM": 16, "BN": 16, "BN_SWIGLU": 16, "BK": 16, "num_warps": 4, "num_stages": 1}
+    bk = 32 if dtype == torch.float32 else 64
+    return {"BM": 128, "BN": 128, "BN_SWIGLU": 64, "BK": bk, "num_warps": 8, "num_stages": 3}
+    # BN_SWIGLU also serves the backward rows kernel with the SwiGLU epilogue (it loads two more tiles)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision. fp32 operands (fp32 inputs, or bf16 upcast under the interpreter): exact
+    ("ieee") unless torch's own fp32 matmuls use TF32 (torch.backends.cuda.matmul.allow_tf32).
+    16-bit operands: the default ("tf32"), which 16-bit dots ignore."""
+    if compute_dtype_for(dtype) != tl.float32:
+        return "tf32"
+    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+# ----------------------------------------------------------------------------- tile schedule
+
+def tile_schedule(routing: Routing, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Maps each row tile to (expert, first row); on the device, no synchronisation.
+
+    Returns tile_expert (n,) int32 (-1 for a surplus tile), tile_row (n,) int32 and n = cdiv(S, BM) + E,
+    an upper bound of sum_e cdiv(count_e, BM).
+    """
+    ends = routing.offsets.long()
+    counts = routing.counts()
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    n = triton.cdiv(routing.num_slots, block_m) + routing.num_experts
+    j = torch.arange(n, device=ends.device)
+    expert = torch.searchsorted(tile_end, j, right=True)
+    valid = expert < routing.num_experts
+    e = expert.clamp(max=routing.num_experts - 1)
+    row = (ends[e] - counts[e]) + (j - (tile_end[e] - tiles[e])) * block_m
+    tile_expert = torch.where(valid, e, -1).to(torch.int32)
+    return tile_expert, torch.where(valid, row, 0).to(torch.int32), n
+
+
+# ----------------------------------------------------------------------------- kernels
+
+# x (T, H) rows gathered by token (S,); w (E, 2I, H) gate rows first -> h (S, I), gu (S, 2I)
+@triton.jit
+def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
+                      H, INTER, stride_xm, stride_we, stride_wn,
+                      STORE_GU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    e = tl.load(tile_expert_ptr + tile)
+    if e < 0:
+        return
+    e = e.to(tl.int64)
+    row_end = tl.load(ends_ptr + e)
+    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BM)
+    rmask = rows < row_end
+    tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cmask = cols < INTER
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    offs_k = tl.arange(0, BK)
+    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+    wg_ptrs = w_ptr + e * stride_we + cols[None, :] * stride_wn + offs_k[:, None]
+    wu_ptrs = wg_ptrs + INTER * stride_wn
+    for k0 in range(0, H, BK):
+        kmask = (k0 + offs_k) < H
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0).to(COMPUTE)
+        bmask = kmask[:, None] & cmask[None, :]
+        wg = tl.load(wg_ptrs, mask=bmask, other=0.0)
+        wu = tl.load(wu_ptrs, mask=bmask, other=0.0)
+        acc_g = tl.dot(a, wg.to(COMPUTE), acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, wu.to(COMPUTE), acc_u, input_precision=PRECISION)
+        a_ptrs += BK
+        wg_ptrs += BK
+        wu_ptrs += BK
+    omask = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)
+    if STORE_GU:
+        gu_row = gu_ptr + rows64[:, None] * (2 * INTER) + cols[None, :]
+        tl.store(gu_row, acc_g.to(gu_ptr.dtype.element_ty), mask=omask)
+        tl.store(gu_row + INTER, acc_u.to(gu_ptr.dtype.element_ty), mask=omask)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(h_ptr + rows64[:, None] * INTER + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=omask)
+
+
+# C[c_row(r)] = (scale[r] * A[a_row(r)]) @ B[e]   A rows (K,), B[e] (K, N) by strides, C rows (N,)
+# SWIGLU_BWD: C is dh (N = I); the epilogue reads gu (S, 2I) and writes dgu (S, 2I) and h (S, I) to c_ptr
+@triton.jit
+def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr, gu_ptr, dgu_ptr,
+                         tile_expert_ptr, tile_row_ptr, ends_ptr,
+                         N, K, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+                         A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, C_SCATTER: tl.constexpr,
+                         SWIGLU_BWD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    e = tl.load(tile_expert_ptr + tile)
+    if e < 0:
+        return
+    e = e.to(tl.int64)
+    row_end = tl.load(ends_ptr + e)
+    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BM)
+    rmask = rows < row_end
+    if A_GATHER:
+        a_rows = tl.load(a_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        a_rows = rows.to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cmask = cols < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    a_base = a_ptr + a_rows[:, None] * stride_am  # gathered rows: offsets recomputed per K step, which
+    b_base = b_ptr + e * stride_be                 # keeps fewer 64-bit pointer tiles live (no spills)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < K
+        a = tl.load(a_base + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=kmask[:, None] & cmask[None, :],
+                    other=0.0)
+        acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=PRECISION)
+    if A_SCALE:  # diag(scale) A B = diag(scale) (A B): scale the accumulator rows once, not every A tile
+        acc = acc * tl.load(a_scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    omask = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)
+    if SWIGLU_BWD:
+        gu_row = rows64[:, None] * (2 * N) + cols[None, :]
+        g = tl.load(gu_ptr + gu_row, mask=omask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + gu_row + N, mask=omask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        tl.store(dgu_ptr + gu_row, (acc * u * (sig + silu * (1.0 - sig))).to(dgu_ptr.dtype.element_ty), mask=omask)
+        tl.store(dgu_ptr + gu_row + N, (acc * silu).to(dgu_ptr.dtype.element_ty), mask=omask)
+        tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], (silu * u).to(c_ptr.dtype.element_ty),
+                 mask=omask)
+    else:
+        if C_SCATTER:
+            c_rows = tl.load(c_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        else:
+            c_rows = rows64
+        tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=omask)
+
+
+# C[e] (M, N) = sum over rows r of expert e of (scale[r] * A[a_row(r), :M])^T B[b_row(r), :N]
+@triton.jit
+def _grouped_wgrad_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, b_idx_ptr, c_ptr, bounds_ptr,
+                          M, N, stride_am, stride_bm, stride_ce,
+                          A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, B_GATHER: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                          COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64)
+    start = tl.load(bounds_ptr + e)
+    end = tl.load(bounds_ptr + e + 1)
+    ms = tl.program_id(1) * BM + tl.arange(0, BM)
+    ns = tl.program_id(2) * BN + tl.arange(0, BN)
+    mmask = ms < M
+    nmask = ns < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(start, end, BK):
+        rs = r0 + tl.arange(0, BK)
+        rmask = rs < end
+        if A_GATHER:
+            a_rows = tl.load(a_idx_ptr + rs, mask=rmask, other=0).to(tl.int64)
+        else:
+            a_rows = rs.to(tl.int64)
+        if B_GATHER:
+            b_rows = tl.load(b_idx_ptr + rs, mask=rmask, other=0).to(tl.int64)
+        else:
+            b_rows = rs.to(tl.int64)
+        at = tl.load(a_ptr + a_rows[None, :] * stride_am + ms[:, None], mask=mmask[:, None] & rmask[None, :],
+                     other=0.0)
+        if A_SCALE:
+            scale = tl.load(a_scale_ptr + rs, mask=rmask, other=0.0).to(tl.float32)
+            at = at.to(tl.float32) * scale[None, :]
+        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + ns[None, :], mask=rmask[:, None] & nmask[None, :],
+                    other=0.0)
+        acc = tl.dot(at.to(COMPUTE), b.to(COMPUTE), acc, input_precision=PRECISION)
+    out = c_ptr + e * stride_ce + ms[:, None].to(tl.int64) * N + ns[None, :]
+    tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+class _Plan:
+    """Routing, tile schedule and launch constants shared by the forward and backward launches."""
+
+    def __init__(self, routing: Routing, dtype: torch.dtype):
+        self.routing = routing
+        self.cfg = tile_sizes(dtype)
+        self.tile_expert, self.tile_row, self.n_tiles = tile_schedule(routing, self.cfg["BM"])
+        self.ends = routing.offsets
+        self.bounds = torch.cat([routing.offsets.new_zeros(1), routing.offsets])
+        self.compute = compute_dtype_for(dtype)
+        self.precision = _precision(dtype)
+
+    def launch_opts(self) -> dict:
+        c = self.cfg
+        return {"BM": c["BM"], "BN": c["BN"], "BK": c["BK"], "num_warps": c["num_warps"],
+                "num_stages": c["num_stages"], "COMPUTE": self.compute, "PRECISION": self.precision}
+
+
+def swiglu_up(plan: _Plan, hidden, gate_up_proj, store_gu: bool):
+    """hidden (T, H), gate_up_proj (E, 2I, H) -> h (S, I), gu (S, 2I) or None."""
+    s, inter = plan.routing.num_slots, gate_up_proj.shape[1] // 2
+    h = _empty((s, inter), hidden)
+    gu = _empty((s, 2 * inter), hidden) if store_gu else h  # dummy pointer when not stored
+    opts = {**plan.launch_opts(), "BN": plan.cfg["BN_SWIGLU"]}
+    grid = (plan.n_tiles, triton.cdiv(inter, opts["BN"]))
+    _swiglu_up_kernel[grid](hidden, plan.routing.token, gate_up_proj, h, gu, plan.tile_expert, plan.tile_row,
+                            plan.ends, hidden.shape[1], inter, hidden.stride(0), gate_up_proj.stride(0),
+                            gate_up_proj.stride(1), STORE_GU=store_gu, **opts)
+    return h, (gu if store_gu else None)
+
+
+def grouped_rows(plan: _Plan, a, b, n, *, a_idx=None, a_scale=None, c_idx=None, swiglu_gu=None, out_rows=None):
+    """C (out_rows, n) with C[c_idx[r] or r] = (a_scale[r] * a[a_idx[r] or r]) @ b[e], b (E, K, N) any
+    strides. With ``swiglu_gu`` (S, 2I): returns (h (S, I), dgu (S, 2I)) from dh = the product."""
+    s = plan.routing.num_slots
+    k = a.shape[1]
+    c = _empty((out_rows or s, n), a)
+    dgu = _empty(swiglu_gu.shape, a) if swiglu_gu is not None else c
+    opts = plan.launch_opts()
+    if swiglu_gu is not None:
+        opts["BN"] = plan.cfg["BN_SWIGLU"]
+    grid = (plan.n_tiles, triton.cdiv(n, opts["BN"]))
+    _grouped_rows_kernel[grid](
+        a, a_idx if a_idx is not None else plan.ends, a_scale if a_scale is not None else a, b, c,
+        c_idx if c_idx is not None else plan.ends, swiglu_gu if swiglu_gu is not None else c, dgu,
+        plan.tile_expert, plan.tile_row, plan.ends, n, k, a.stride(0), b.stride(0), b.stride(1), b.stride(2),
+        c.stride(0), A_GATHER=a_idx is not None, A_SCALE=a_scale is not None, C_SCATTER=c_idx is not None,
+        SWIGLU_BWD=swiglu_gu is not None, **opts)
+    return (c, dgu) if swiglu_gu is not None else c
+
+
+def grouped_wgrad(plan: _Plan, a, b, *, a_idx=None, a_scale=None, b_idx=None):
+    """(E, M, N): per expert e, sum over its rows r of (a_scale[r] a[a_idx[r]])^T b[b_idx[r]]."""
+    m, n, e = a.shape[1], b.shape[1], plan.routing.num_experts
+    c = _empty((e, m, n), a)
+    opts = plan.launch_opts()
+    grid = (e, triton.cdiv(m, opts["BM"]), triton.cdiv(n, opts["BN"]))
+    _grouped_wgrad_kernel[grid](
+        a, a_idx if a_idx is not None else plan.ends, a_scale if a_scale is not None else a, b,
+        b_idx if b_idx is not None else plan.ends, c, plan.bounds, m, n, a.stride(0), b.stride(0), c.stride(0),
+        A_GATHER=a_idx is not None, A_SCALE=a_scale is not None, B_GATHER=b_idx is not None, **opts)
+    return c
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class MoeMlpTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
+        t, k = expert_idx.shape
+        hdim = hidden.shape[1]
+        plan = _Plan(route(expert_idx, gate_up_proj.shape[0]), hidden.dtype)
+        need_grad = any(ctx.needs_input_grad)
+        h, gu = swiglu_up(plan, hidden, gate_up_proj, store_gu=need_grad)
+        # y in slot order (t * k + j): the scatter is fused into the down GEMM's stores
+        y_slot = grouped_rows(plan, h, down_proj.transpose(1, 2), hdim, c_idx=plan.routing.perm)
+        y_tok = y_slot.view(t, k, hdim)
+        out = torch.bmm(expert_weight.view(t, 1, k), y_tok).view(t, hdim)
+        ctx.plan = plan
+        ctx.save_for_backward(hidden, expert_weight, gate_up_proj, down_proj, gu, y_tok)
+        return out
+
+    @staticmethod
+    @once_differentiable  # no double backward: fail loudly rather than give wrong 2nd-order grads
+    def backward(ctx, dout):
+        hidden, expert_weight, gate_up_proj, down_proj, gu, y_tok = ctx.saved_tensors
+        plan = ctx.plan
+        r = plan.routing
+        t, k, hdim = y_tok.shape
+        inter = down_proj.shape[2]
+        need_x, _, need_w, need_gu, need_down = ctx.needs_input_grad
+        dout = dout.contiguous()
+        d_hidden = d_weight = d_gate_up = d_down = None
+        if need_w:
+            d_weight = torch.bmm(y_tok, dout.view(t, hdim, 1)).view(t, k)
+        if need_x or need_gu or need_down:
+            w_sorted = expert_weight.reshape(-1).index_select(0, r.perm)
+            # dh = (w * dout[token]) @ down[e]; the epilogue turns it into dgu and recomputes h
+            h, dgu = grouped_rows(plan, dout, down_proj, inter, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
+            if need_down:
+                d_down = grouped_wgrad(plan, dout, h, a_idx=r.token, a_scale=w_sorted)
+            del h
+            if need_gu:
+                d_gate_up = grouped_wgrad(plan, dgu, hidden, b_idx=r.token)
+            if need_x:
+                dx_slot = grouped_rows(plan, dgu, gate_up_proj, hdim, c_idx=r.perm)
+                d_hidden = dx_slot.view(t, k, hdim).sum(1)
+        return d_hidden, None, d_weight, d_gate_up, d_down
+
+
+def moe_mlp_triton(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
+    """See moon_fast.ops.moe.moe_mlp (inputs already checked and contiguous)."""
+    return MoeMlpTriton.apply(hidden, expert_idx, expert_weight, gate_up_proj, down_proj)

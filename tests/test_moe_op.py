@@ -1,0 +1,354 @@
+"""moe_mlp: every backend against the per-expert reference and against transformers' Qwen2MoeExperts,
+forward and backward (hidden, expert_weight, gate_up_proj, down_proj), fp32 / fp16 / bf16, on awkward
+routings and shapes; the csrc routing metadata against torch; input errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moon_fast.ops import moe_mlp
+from moon_fast.ops.moe import BACKENDS
+from tests.utils import DTYPES, assert_close, poison_, tolerance
+
+# (name, T, H, I, E, k, routing): H and I deliberately not multiples of tiles (16/32) nor of 8.
+CASES = [
+    ("basic", 37, 24, 20, 5, 2, "random"),
+    ("odd_shapes", 29, 7, 5, 3, 3, "random"),
+    ("one_token", 1, 16, 8, 4, 2, "random"),
+    ("one_expert", 9, 16, 12, 1, 1, "random"),
+    ("k4", 17, 16, 12, 6, 4, "random"),
+    ("empty_expert", 21, 16, 12, 4, 2, "skip_expert"),
+    ("all_on_one_expert", 13, 16, 12, 4, 1, "all_one"),
+    ("duplicate_choices", 11, 16, 12, 3, 2, "duplicates"),
+    ("many_rows_per_expert", 40, 16, 12, 2, 2, "random"),  # several row tiles per expert
+]
+FAST_BACKENDS = ["torch", "grouped_mm", "triton", "cuda_emu"]
+
+
+def make_inputs(t, h, i, e, k, routing, dtype, *, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(t, h, generator=gen)
+    # distinct experts per token as a top-k router gives, unless the case asks otherwise
+    idx = torch.rand(t, e, generator=gen).argsort(dim=1)[:, :k] if k <= e else torch.randint(0, e, (t, k), generator=gen)
+    if routing == "skip_expert":  # expert 1 gets no token: distinct picks among the others
+        others = torch.tensor([x for x in range(e) if x != 1])
+        idx = others[torch.rand(t, e - 1, generator=gen).argsort(dim=1)[:, :k]]
+    elif routing == "all_one":
+        idx = torch.full((t, k), 2)
+    elif routing == "duplicates":  # the same expert twice for one token: two independent slots
+        idx[:, 1] = idx[:, 0]
+    weight = torch.rand(t, k, generator=gen)
+    gate_up = torch.randn(e, 2 * i, h, generator=gen) / h**0.5
+    down = torch.randn(e, h, i, generator=gen) / i**0.5
+    grad_out = torch.randn(t, h, generator=gen)
+    fp = [hidden, weight, gate_up, down]
+    return [x.to(dtype) for x in fp], idx, grad_out
+
+
+def run(backend, tensors, idx, grad_out, dtype=None):
+    """Output and gradients (hidden, expert_weight, gate_up_proj, down_proj) of one call."""
+    leaves = [x.detach().clone().to(dtype or x.dtype).requires_grad_() for x in tensors]
+    hidden, weight, gate_up, down = leaves
+    out = moe_mlp(hidden, idx, weight, gate_up, down, backend=backend)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+NAMES = ["out", "d_hidden", "d_expert_weight", "d_gate_up_proj", "d_down_proj"]
+
+
+def check_against_fp32_oracle(got, ref_lp, ref_fp32, dtype, *, factor=2.0):
+    """fp32: element-wise tolerance. fp16/bf16: the backend's error against the fp32 reference is at
+    most ``factor`` x the low-precision reference's own error, plus a floor (FlashAttention's rule)."""
+    for name, g, r_lp, r32 in zip(NAMES, got, ref_lp, ref_fp32):
+        assert g is not None, f"{name}: no gradient"
+        assert g.dtype == r_lp.dtype, f"{name}: dtype {g.dtype}, expected {r_lp.dtype}"
+        if dtype == torch.float32:
+            assert_close(g, r32, **tolerance(dtype, scale=3), name=name)
+            continue
+        assert not torch.isnan(g).any(), f"{name}: NaN"
+        scale = r32.abs().max().item() + 1e-6
+        err = (g.float() - r32).abs().max().item()
+        ref_err = (r_lp.float() - r32).abs().max().item()
+        floor = tolerance(dtype)["atol"] * scale
+        assert err <= factor * ref_err + floor, (
+            f"{name} {dtype}: error {err:.3g} vs fp32 reference exceeds {factor} x the reference's own "
+            f"low-precision error {ref_err:.3g} + {floor:.3g}")
+
+
+def _poisoned_empty(shape, like, dtype=None):
+    return poison_(torch.empty(shape, dtype=dtype or like.dtype, device=like.device))
+
+
+@pytest.fixture(autouse=True)
+def poison_kernel_outputs(monkeypatch):
+    """Every buffer the triton / csrc launchers allocate for a kernel to fill starts as NaN (or int max)."""
+    import moon_fast.ops.moe_cuda as moe_cuda
+
+    monkeypatch.setattr(moe_cuda, "_empty", _poisoned_empty)
+    try:
+        import moon_fast.kernels.moe as moe_triton
+    except ImportError:  # no triton: its tests skip
+        return
+    monkeypatch.setattr(moe_triton, "_empty", _poisoned_empty)
+
+
+def _skip_unavailable(backend):
+    reason = BACKENDS.why_unavailable(backend, "cpu")
+    if reason:
+        pytest.skip(f"{backend} unavailable here: {reason}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_backend_matches_reference(backend, case, dtype):
+    _skip_unavailable(backend)
+    _, t, h, i, e, k, routing = case
+    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=hash(case) % 1000)
+    ref32 = run("reference", tensors, idx, grad_out)
+    ref_lp = run("reference", tensors, idx, grad_out, dtype)
+    got = run(backend, tensors, idx, grad_out, dtype)
+    check_against_fp32_oracle(got, ref_lp, ref32, dtype)
+
+
+# ----------------------------------------------------------------------------- transformers' experts
+
+def hf_experts(gate_up, down, implementation):
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
+
+    e, two_i, h = gate_up.shape
+    cfg = Qwen2MoeConfig(hidden_size=h, moe_intermediate_size=two_i // 2, num_experts=e, hidden_act="silu")
+    cfg._experts_implementation = implementation
+    mod = Qwen2MoeExperts(copy.deepcopy(cfg)).to(gate_up.dtype)
+    with torch.no_grad():
+        mod.gate_up_proj.copy_(gate_up)
+        mod.down_proj.copy_(down)
+    return mod
+
+
+def run_hf(implementation, tensors, idx, grad_out, dtype):
+    hidden, weight, gate_up, down = (x.detach().clone().to(dtype) for x in tensors)
+    mod = hf_experts(gate_up, down, implementation)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    out = mod(hidden, idx, weight)
+    out.backward(grad_out.to(dtype))
+    return [out.detach(), hidden.grad, weight.grad, mod.gate_up_proj.grad, mod.down_proj.grad]
+
+
+HF_CASES = [c for c in CASES if c[0] in ("basic", "odd_shapes", "empty_expert", "k4", "one_token")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", HF_CASES, ids=[c[0] for c in HF_CASES])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", "cuda_emu"])
+def test_backend_matches_transformers_eager(backend, case, dtype):
+    _skip_unavailable(backend)
+    _, t, h, i, e, k, routing = case
+    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=7)
+    hf32 = run_hf("eager", tensors, idx, grad_out, torch.float32)
+    hf_lp = run_hf("eager", tensors, idx, grad_out, dtype)
+    got = run(backend, tensors, idx, grad_out, dtype)
+    # transformers accumulates the k contributions in the low-precision output (index_add_), we in fp32
+    check_against_fp32_oracle(got, hf_lp, hf32, dtype, factor=2.0)
+
+
+def test_transformers_grouped_mm_agrees_with_reference():
+    """The benchmark peer computes the same function (aligned shapes: grouped_mm needs them)."""
+    tensors, idx, grad_out = make_inputs(24, 16, 8, 4, 2, "random", torch.float32, seed=3)
+    hf = run_hf("grouped_mm", tensors, idx, grad_out, torch.float32)
+    ref = run("reference", tensors, idx, grad_out)
+    for name, a, b in zip(NAMES, hf, ref):
+        assert_close(a, b, **tolerance(torch.float32, scale=3), name=name)
+
+
+# ----------------------------------------------------------------------------- csrc pieces (emulator)
+
+@pytest.mark.parametrize("t, k, e, routing", [
+    (37, 2, 5, "random"), (300, 2, 4, "random"), (129, 3, 7, "skip_expert"), (1, 1, 1, "random"),
+    (70, 4, 6, "random"), (90, 1, 4, "all_one"),
+], ids=["small", "multi_block", "empty_expert", "one", "k4", "one_expert"])
+def test_csrc_routing_matches_torch(t, k, e, routing):
+    """Histogram / scan / stable permutation against torch's stable sort (bincount, argsort)."""
+    _skip_unavailable("cuda_emu")
+    from moon_fast.ops.moe_cuda import csrc_route
+    from moon_fast.ops.moe_routing import route
+
+    _, idx, _ = make_inputs(t, 8, 8, e, k, routing, torch.float32, seed=t)
+    got, want = csrc_route(idx, e), route(idx, e)
+    assert torch.equal(got.offsets, want.offsets), f"offsets {got.offsets} != {want.offsets}"
+    assert torch.equal(got.counts(), torch.bincount(idx.reshape(-1), minlength=e))
+    assert torch.equal(got.perm, torch.argsort(idx.reshape(-1), stable=True))
+    assert torch.equal(got.perm, want.perm) and torch.equal(got.token, want.token)
+    assert torch.equal(got.inv_perm, want.inv_perm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_csrc_permute_unpermute_match_torch(dtype):
+    _skip_unavailable("cuda_emu")
+    from moon_fast.ops.moe_cuda import permute, unpermute, unpermute_weight_grad
+    from moon_fast.ops.moe_routing import route
+
+    t, k, e, h = 23, 3, 5, 37
+    _, idx, _ = make_inputs(t, h, 8, e, k, "random", torch.float32, seed=1)
+    r = route(idx, e)
+    x = torch.randn(t, h).to(dtype)
+    w = torch.rand(t, k).to(dtype)
+    y = torch.randn(t * k, h).to(dtype)
+    dout = torch.randn(t, h).to(dtype)
+    assert torch.equal(permute(x, r.token), x[r.token])
+    scaled = permute(x, r.token, w.reshape(-1), r.perm)
+    assert_close(scaled, (x.float()[r.token] * w.reshape(-1).float()[r.perm, None]).to(dtype), **tolerance(dtype),
+                 name="scaled permute")
+    y_tok = y.float()[r.inv_perm].view(t, k, h)
+    assert_close(unpermute(y, r.inv_perm, w, k), (w.float()[:, :, None] * y_tok).sum(1).to(dtype),
+                 **tolerance(dtype), name="weighted unpermute")
+    assert_close(unpermute(y, r.inv_perm, None, k), y_tok.sum(1).to(dtype), **tolerance(dtype), name="unpermute")
+    assert_close(unpermute_weight_grad(dout, y, r.inv_perm, k), (y_tok * dout.float()[:, None]).sum(-1).to(dtype),
+                 **tolerance(dtype, scale=2), name="weight grad")
+
+
+# ----------------------------------------------------------------------------- properties
+
+@pytest.mark.parametrize("backend", ["torch", "cuda_emu"])
+def test_deterministic(backend):
+    _skip_unavailable(backend)
+    tensors, idx, grad_out = make_inputs(33, 16, 12, 4, 2, "random", torch.float32, seed=5)
+    a = run(backend, tensors, idx, grad_out)
+    b = run(backend, tensors, idx, grad_out)
+    for name, x, y in zip(NAMES, a, b):
+        assert torch.equal(x, y), f"{name} differs between two identical calls"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda_emu"])
+def test_frozen_weights_and_int32_indices(backend):
+    """Only the gradients asked for are computed; int32 ids and fp32 routing weights on bf16 work."""
+    _skip_unavailable(backend)
+    tensors, idx, grad_out = make_inputs(19, 16, 8, 3, 2, "random", torch.float32, seed=11)
+    hidden = tensors[0].to(torch.bfloat16).requires_grad_()
+    weight = tensors[1].requires_grad_()  # fp32 routing weights with bf16 activations
+    gate_up, down = (x.to(torch.bfloat16) for x in tensors[2:])
+    out = moe_mlp(hidden, idx.int(), weight, gate_up, down, backend=backend)
+    assert out.dtype == torch.bfloat16
+    out.backward(grad_out.to(torch.bfloat16))
+    ref = moe_mlp(hidden.detach().float(), idx, weight.detach(), gate_up.float(), down.float(), backend="reference")
+    assert (out.float() - ref).abs().max() < 0.05
+    assert hidden.grad is not None and weight.grad is not None and weight.grad.dtype == torch.float32
+
+
+def test_grouped_mm_and_loop_paths_agree(monkeypatch):
+    """moe_gemm's two paths (torch grouped_mm with device offsets; per-expert loop) give one result,
+    including an expert with no rows (its weight gradient must be exactly zero)."""
+    from moon_fast.ops import moe_gemm
+    from moon_fast.ops.moe_routing import route
+
+    idx = torch.tensor([[0, 2], [2, 0], [0, 2], [2, 2]])
+    r = route(idx, 3)
+    a, b, g = torch.randn(8, 16), torch.randn(3, 16, 8), torch.randn(8, 8)
+    assert moe_gemm._use_grouped_mm(a, b) and moe_gemm.grouped_mm_function() is not None
+    fast = moe_gemm.gmm(a, b, r), moe_gemm.gmm_wgrad(a, g, r)
+    monkeypatch.setattr(moe_gemm, "_use_grouped_mm", lambda *t: False)
+    slow = moe_gemm.gmm(a, b, r), moe_gemm.gmm_wgrad(a, g, r)
+    for x, y in zip(fast, slow):
+        assert_close(x, y, **tolerance(torch.float32), name="gmm")
+    assert torch.equal(slow[1][1], torch.zeros(16, 8))
+    ends = [0, *r.offsets.tolist()]
+    want = torch.cat([a[ends[e]:ends[e + 1]] @ b[e] for e in range(3)])
+    assert_close(slow[0], want, **tolerance(torch.float32), name="gmm vs loop")
+
+
+@pytest.mark.parametrize("t, k, e, block_m", [(37, 2, 5, 16), (1, 1, 9, 16), (200, 3, 7, 32), (64, 1, 1, 64),
+                                              (50, 2, 40, 8)])
+def test_triton_tile_schedule_covers_every_row_once(t, k, e, block_m):
+    """Each row of each expert lies in exactly one tile of that expert; surplus tiles are marked -1."""
+    pytest.importorskip("triton")
+    from moon_fast.kernels.moe import tile_schedule
+
+    from moon_fast.ops.moe_routing import route
+
+    idx = torch.randint(0, max(1, e // 2), (t, k))  # leaves the upper experts empty
+    r = route(idx, e)
+    tile_expert, tile_row, n = tile_schedule(r, block_m)
+    assert tile_expert.shape == (n,) and n >= int(((r.counts() + block_m - 1) // block_m).sum())
+    ends = r.offsets.long()
+    owner = torch.full((t * k,), -1)
+    for te, row in zip(tile_expert.tolist(), tile_row.tolist()):
+        if te < 0:
+            continue
+        rows = torch.arange(row, min(row + block_m, int(ends[te])))
+        assert rows.numel() > 0 and int(ends[te] - r.counts()[te]) <= row
+        assert (owner[rows] == -1).all(), "a row is covered twice"
+        owner[rows] = te
+    assert torch.equal(owner, idx.reshape(-1)[r.perm]), "rows not covered by their expert's tiles"
+
+
+def test_auto_backend_on_cpu_is_torch(monkeypatch):
+    monkeypatch.delenv("MOON_FAST_MOE_MLP_BACKEND", raising=False)
+    assert BACKENDS.resolve("auto", "cpu").name == "torch"
+
+
+def test_empty_batch():
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    out = moe_mlp(hidden, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), torch.zeros(3, 8, 8),
+                  torch.zeros(3, 8, 4), backend="torch")
+    assert out.shape == (0, 8)
+    out.sum().backward()
+    assert hidden.grad.shape == (0, 8)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _good():
+    return (torch.randn(5, 8), torch.randint(0, 3, (5, 2)), torch.rand(5, 2), torch.randn(3, 12, 8),
+            torch.randn(3, 8, 6))
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda a: (a[0], torch.full_like(a[1], 3), *a[2:]), r"expert_idx contains 3, outside \[0, 3\)"),
+    (lambda a: (a[0], torch.full_like(a[1], -1), *a[2:]), r"expert_idx contains -1"),
+    (lambda a: (a[0], a[1][:, :0], a[2][:, :0], *a[3:]), r"k = 0"),
+    (lambda a: (a[0], a[1].float(), *a[2:]), r"expert_idx must be an integer"),
+    (lambda a: (a[0], a[1], a[2][:, :1], *a[3:]), r"expert_weight must have the shape"),
+    (lambda a: (a[0][None], *a[1:]), r"hidden must be 2-D"),
+    (lambda a: (a[0], *a[1:3], a[3][:, :11], a[4]), r"gate_up_proj must be \(E, 2I, H\)"),
+    (lambda a: (*a[:4], a[4][:, :, :5]), r"down_proj must be \(E, H, I\)"),
+    (lambda a: (a[0], *a[1:3], a[3].half(), a[4]), r"gate_up_proj is torch.float16 but hidden is torch.float32"),
+    (lambda a: (a[0][:4], *a[1:]), r"expert_idx must be \(T, k\)"),
+])
+def test_bad_input_errors(mutate, match):
+    args = mutate(_good())
+    with pytest.raises((ValueError, TypeError), match=match):
+        moe_mlp(*args, backend="torch")
+
+
+def test_unknown_backend_error():
+    from moon_fast.backends import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        moe_mlp(*_good(), backend="nope")
+
+
+# ----------------------------------------------------------------------------- benchmark module
+
+def test_bench_cases_and_builders_run_tiny():
+    """moon_fast/bench/moe.py: cases are well formed; each CPU builder runs forward + backward, and our
+    backends and transformers' give the same output on the benchmark's problem."""
+    from moon_fast.bench import moe as bench
+
+    for quick in (True, False):
+        cases = bench.cases(quick)
+        assert cases and all(c.op == "moe" and c.builder == bench.BUILDER for c in cases)
+    outs = {}
+    for backend in ("reference", "torch", "grouped_mm", "hf_eager", "hf_grouped_mm", "dense_gemm"):
+        work = bench.build(backend=backend, dtype=torch.float32, device=torch.device("cpu"), T=24, H=16, I=8, E=4, k=2)
+        out = work.forward()
+        work.backward(out)
+        assert work.flops_fwd == 6 * 24 * 2 * 16 * 8 and work.flops_bwd == 2 * work.flops_fwd
+        outs[backend] = out.detach()
+    for backend in ("torch", "grouped_mm", "hf_eager", "hf_grouped_mm"):
+        assert_close(outs[backend], outs["reference"], **tolerance(torch.float32, scale=3), name=backend)
