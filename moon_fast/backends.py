@@ -170,3 +170,21 @@ def op_backends(op: str, auto_order: dict[str, Sequence[str]]) -> OpBackends:
     if op not in REGISTRY:
         REGISTRY[op] = OpBackends(op, dict(auto_order))
     return REGISTRY[op]
+
+
+# ----------------------------------------------------------------------------- autocast
+
+def autocast_inputs(device: torch.device | str, *tensors, policy: str):
+    """Casts an op's floating inputs the way torch.autocast would, so callers may use our ops inside
+    ``torch.autocast`` regions (mixed fp32/bf16 inputs otherwise meet inside the backends).
+
+    ``policy="lower_precision"``: matmul-like ops (attention, MoE) run in the autocast dtype.
+    ``policy="float32"``: loss-like ops (contrastive loss) run in float32, as autocast does for
+    softmax/cross-entropy. Outside autocast the tensors are returned unchanged. Run the op itself under
+    ``torch.autocast(device_type, enabled=False)`` so its internals see exactly these dtypes.
+    """
+    device_type = torch.device(device).type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type) if policy == "lower_precision" else torch.float32
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -352,3 +352,24 @@ def test_bench_cases_and_builders_run_tiny():
         outs[backend] = out.detach()
     for backend in ("torch", "grouped_mm", "hf_eager", "hf_grouped_mm"):
         assert_close(outs[backend], outs["reference"], **tolerance(torch.float32, scale=3), name=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_inside_autocast_runs_in_autocast_dtype_with_grads(backend):
+    """fp32 inputs and weights inside torch.autocast(bf16): the op runs in bf16 like a matmul, and
+    gradients flow back to the fp32 leaves (the model trains this way)."""
+    T, H, I, E, k = 9, 12, 10, 3, 2
+    hidden = torch.randn(T, H, requires_grad=True)
+    idx = torch.randint(0, E, (T, k))
+    w = torch.rand(T, k, requires_grad=True)
+    gate_up = (torch.randn(E, 2 * I, H) * 0.2).requires_grad_()
+    down = (torch.randn(E, H, I) * 0.2).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe_mlp(hidden, idx, w, gate_up, down, backend=backend)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    expected = moe_mlp(hidden.detach().bfloat16(), idx, w.detach().bfloat16(), gate_up.detach().bfloat16(),
+                       down.detach().bfloat16(), backend="reference")
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    for leaf in (hidden, w, gate_up, down):
+        assert leaf.grad is not None and leaf.grad.dtype == torch.float32 and torch.isfinite(leaf.grad).all()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from moon_fast.backends import (
+    autocast_inputs,
     cuda_emu_unavailable,
     cuda_ext_unavailable,
     op_backends,
@@ -112,14 +113,18 @@ def moe_mlp(hidden, expert_idx, expert_weight, gate_up_proj, down_proj, *, backe
     (cast to hidden's dtype); gate_up_proj (E, 2I, H), gate rows first; down_proj (E, H, I); all on one
     device, weights in hidden's dtype. Returns (T, H) in hidden's dtype. ``backend``: "auto",
     "reference", "torch", "grouped_mm", "triton", "cuda", "cuda_emu"."""
+    # Inside torch.autocast the op behaves like a matmul: everything in the autocast dtype.
+    hidden, expert_weight, gate_up_proj, down_proj = autocast_inputs(
+        hidden.device, hidden, expert_weight, gate_up_proj, down_proj, policy="lower_precision")
     _check_inputs(hidden, expert_idx, expert_weight, gate_up_proj, down_proj)
     impl = BACKENDS.resolve(backend, hidden.device)
     if hidden.shape[0] == 0:  # no tokens: an empty output that still belongs to the graph
         return hidden * 0
     expert_idx = expert_idx.long().contiguous()
     expert_weight = expert_weight.to(hidden.dtype).contiguous()
-    return impl.fn(hidden.contiguous(), expert_idx, expert_weight, gate_up_proj.contiguous(),
-                   down_proj.contiguous())
+    with torch.autocast(hidden.device.type, enabled=False):
+        return impl.fn(hidden.contiguous(), expert_idx, expert_weight, gate_up_proj.contiguous(),
+                       down_proj.contiguous())
 
 
 # ----------------------------------------------------------------------------- backends
