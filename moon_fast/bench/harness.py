@@ -43,6 +43,9 @@ class Workload:
     flops_bwd: float = 0.0
     bytes_fwd: float = 0.0
     bytes_bwd: float = 0.0
+    # Anything to copy into each Result's ``extra`` (e.g. {"samples": 32, "tokens": 4096} per call, from
+    # which the bench command derives samples/s and tokens/s).
+    meta: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -140,7 +143,34 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
+    # VmHWM (the mm's peak RSS) is what _reset_peak_rss resets; getrusage's ru_maxrss also keeps the
+    # peak recorded when any thread of the process exited, which a reset does not clear.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _reset_peak_rss() -> None:
+    """Returns freed heap memory to the OS (glibc ``malloc_trim``: otherwise memory freed by the
+    warm-up call stays resident, inflates the baseline and hides the workload's peak) and resets the
+    kernel's peak-RSS mark (Linux >= 4.0), so that a transient peak while building the inputs does not
+    hide the workload's own peak either. Best effort on other systems."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def quantiles(times: list[float]) -> tuple[float, float, float]:
@@ -190,7 +220,10 @@ def measure(case: Case, *, warmup: int = 1, repeats: int = 5, device: str | None
         if work.backward is not None:
             work.backward(out)
 
-    # Peak memory of one forward+backward above what exists now (inputs, weights).
+    # One untimed call first: one-time lazy initialisation (library workspaces, thread pools, autograd
+    # engine) is not the workload's memory. Then the peak of one forward+backward above what exists
+    # now (inputs, weights).
+    full()
     synchronize(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -199,6 +232,7 @@ def measure(case: Case, *, warmup: int = 1, repeats: int = 5, device: str | None
         synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - before
     else:
+        _reset_peak_rss()
         before = _rss_bytes()
         full()
         peak = max(0, _peak_rss_bytes() - before)
@@ -216,6 +250,7 @@ def measure(case: Case, *, warmup: int = 1, repeats: int = 5, device: str | None
                               extra={"bytes": work.bytes_fwd + work.bytes_bwd}))
         results[-1].p50_s, results[-1].p20_s, results[-1].p80_s = quantiles(t_full)
     for r in results:
+        r.extra.update(work.meta)
         r.peak_mem_bytes = int(peak)
         if r.flops and r.p50_s:
             r.tflops = r.flops / r.p50_s / 1e12

@@ -1,15 +1,128 @@
-"""`moon-fast bench`: not written yet (see the issue tracker)."""
+"""`moon-fast bench`: kernel and end-to-end benchmarks against the reference and peer libraries.
+
+    moon-fast bench [--ops contrastive,attention,moe,train] [--quick] [--output DIR]
+    moon-fast bench --report DIR/results.json [MORE.json ...]     # prints the README performance section
+
+For each op, backend, dtype and shape (the cases of ``moon_fast/bench/<op>.py``): forward, backward and
+forward+backward time (median, p20/p80), peak memory, TFLOP/s and GB/s from explicit formulas, and %
+of the peaks measured on this machine at the start of the run. Writes ``results.csv``,
+``results.json`` (machine, versions, commit, date), PNG plots and ``report.md`` under ``--output``,
+and prints a table.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="(not available yet)")
-    p.set_defaults(func=_run)
+    p = sub.add_parser("bench", help="kernel and end-to-end benchmarks (CSV, JSON, plots, report)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--ops", default="contrastive,attention,moe,train",
+                   help="comma-separated ops: contrastive, attention, moe, train (and gemm, the harness self-check)")
+    p.add_argument("--quick", action="store_true", help="small shapes: a few minutes on a CPU")
+    p.add_argument("--output", default="bench_results", help="directory for results.csv/json, plots, report.md")
+    p.add_argument("--backends", default=None, help="only these backends (comma-separated)")
+    p.add_argument("--dtypes", default=None, help="only these dtypes (comma-separated: fp32,bf16,fp16)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 1, GPU 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per mode (default: 3 with --quick, 10; 20 on a GPU)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per case before it is recorded as failed")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop starting new cases after this long, shared equally among the ops (the rest are recorded as skipped)")
+    p.add_argument("--process-per-case", choices=("yes", "no", "auto"), default="auto",
+                   help="measure each case in a fresh process (clean memory figures; default except with "
+                        "--quick on a CPU, where one worker process measures all cases to save start-up time)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--report", nargs="+", metavar="RESULTS_JSON",
+                   help="print the markdown performance section from these results.json files and exit")
+    # Hidden: the first case of each (op, backend, dtype) only, 1 repeat, small peak probes (tests).
+    p.add_argument("--tiny", action="store_true", help=argparse_suppress())
+    p.set_defaults(func=run)
 
 
-def _run(args) -> int:
-    print("moon-fast bench is not available in this version yet", file=sys.stderr)
-    return 2
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def run(args) -> int:
+    from moon_fast.bench import report
+
+    if args.report:
+        missing = [p for p in args.report if not os.path.isfile(p)]
+        if missing:
+            print(f"error: --report: no such file: {', '.join(missing)} (run `moon-fast bench` first)", file=sys.stderr)
+            return 2
+        print(report.render(args.report))
+        return 0
+
+    import torch
+
+    from moon_fast.bench import harness, runner
+    from moon_fast.bench.peaks import measure_peaks, merge_peaks
+
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = [o for o in ops if o not in runner.OP_MODULES]
+    if unknown:
+        print(f"error: --ops: unknown op(s) {', '.join(unknown)}; known: {', '.join(runner.OP_MODULES)}",
+              file=sys.stderr)
+        return 2
+    gpu = torch.cuda.is_available()
+    warmup = args.warmup if args.warmup is not None else (0 if args.tiny else (3 if gpu else 1))
+    repeats = args.repeats if args.repeats is not None else (
+        1 if args.tiny else (20 if gpu else (3 if args.quick else 10)))
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    cases, missing = runner.collect_cases(ops, quick=args.quick or args.tiny, tiny=args.tiny,
+                                          backends=split(args.backends), dtypes=split(args.dtypes))
+    os.makedirs(args.output, exist_ok=True)
+    shared = args.process_per_case == "no" or (args.process_per_case == "auto" and (args.quick or args.tiny) and not gpu)
+
+    machine = harness.machine_info()
+    print(f"measuring peaks on {machine['device']} ...", file=sys.stderr, flush=True)
+    machine["peaks"] = measure_peaks(small=args.tiny)
+    print(f"{len(cases)} cases ({', '.join(ops)}); warm-up {warmup}, repeats {repeats}", file=sys.stderr, flush=True)
+
+    settings = {"command": "moon-fast bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"]
+                else "moon-fast bench --ops " + args.ops + (" --quick" if args.quick else ""),
+                "ops": ops, "quick": args.quick, "tiny": args.tiny, "warmup": warmup, "repeats": repeats,
+                "process_per_case": not shared}
+    json_path = os.path.join(args.output, "results.json")
+
+    def save(done: list[dict]) -> None:  # after every case: an interrupted run still leaves its files
+        rows = runner.add_derived([dict(r) for r in missing + done], machine["peaks"])
+        runner.write_json(json_path, rows, machine, settings)
+        runner.write_csv(os.path.join(args.output, "results.csv"), rows, machine)
+
+    # With a time budget each op gets an equal share of what is left when it starts (an op that
+    # finishes early leaves its rest to the next), so a long op cannot starve the ones after it.
+    import time
+
+    done: list[dict] = []
+    t_start = time.perf_counter()
+    op_order = list(dict.fromkeys(c.op for c in cases))
+    for i, op in enumerate(op_order):
+        budget = None
+        if args.time_budget is not None:
+            budget = (args.time_budget - (time.perf_counter() - t_start)) / (len(op_order) - i)
+        done += runner.run_cases([c for c in cases if c.op == op], warmup=warmup, repeats=repeats,
+                                 timeout_s=args.timeout, time_budget_s=budget, shared_process=shared,
+                                 on_progress=lambda rows, prev=list(done): save(prev + rows))
+    if cases:
+        print("measuring peaks again ...", file=sys.stderr, flush=True)
+        machine["peaks"] = merge_peaks(machine["peaks"], measure_peaks(small=args.tiny))
+    save(done)
+    rows = runner.add_derived(missing + done, machine["peaks"])
+    plots = []
+    if not args.no_plots:
+        from moon_fast.bench.plots import make_plots
+
+        where = f" ({machine['device']}, {machine['date'][:10]})"
+        plots = make_plots(rows, args.output, title_suffix=where)
+    with open(os.path.join(args.output, "report.md"), "w") as f:
+        f.write(report.render([json_path]) + "\n")
+    print(runner.format_table(rows))
+    print(f"\nwrote {args.output}/results.csv, results.json, report.md" +
+          (f" and {len(plots)} plots" if plots else ""))
+    return 0

@@ -1,0 +1,138 @@
+"""`moon-fast bench` end to end on tiny shapes, and the roofline / report arithmetic."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from moon_fast.bench import report, runner
+from moon_fast.cli import main
+
+
+def _check_outputs(out, ops):
+    data = json.loads((out / "results.json").read_text())
+    m = data["machine"]
+    for key in ("date", "commit", "device", "host_cpu", "torch", "triton", "transformers", "peaks"):
+        assert key in m
+    assert m["peaks"]["gemm_tflops"]["fp32"] > 0 and m["peaks"]["bandwidth_gbps"] > 0
+    assert {r["op"] for r in data["results"]} == set(ops)
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(data["results"])
+    assert set(runner.CSV_COLUMNS) == set(rows[0])
+    assert all(r["date"] == m["date"] for r in rows)
+    md = (out / "report.md").read_text()
+    assert "## Performance" in md and "Measured on" in md
+    return data, rows
+
+
+def test_bench_tiny_gemm_writes_every_file(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--ops", "gemm", "--tiny", "--output", str(out)]) == 0
+    data, rows = _check_outputs(out, {"gemm"})
+    ok = [r for r in data["results"] if r["status"] == "ok"]
+    assert {r["mode"] for r in ok} == {"fwd", "bwd", "fwd+bwd"} and {r["dtype"] for r in ok} == {"fp32", "bf16"}
+    for r in ok:
+        assert r["p20_s"] <= r["p50_s"] <= r["p80_s"]
+        assert r["tflops"] == pytest.approx(r["flops"] / r["p50_s"] / 1e12)
+        assert r["pct_peak"] is not None and r["bound"] in ("compute", "memory")
+    for png in ("gemm_fp32.png", "gemm_bf16.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "gemm" in printed and "p50 ms" in printed
+    # --report renders the same file
+    assert main(["bench", "--report", str(out / "results.json")]) == 0
+    assert "#### gemm" in capsys.readouterr().out
+
+
+def test_unknown_op_and_missing_module(tmp_path, capsys):
+    assert main(["bench", "--ops", "nope", "--output", str(tmp_path)]) == 2
+    assert "unknown op" in capsys.readouterr().err
+    cases, missing = runner.collect_cases(["gemm"], quick=True, tiny=True, dtypes=["fp32"])
+    assert [c.label for c in cases] == ["n=64"] and not missing
+    runner.OP_MODULES["broken_for_test"] = "moon_fast.bench.does_not_exist"
+    try:
+        cases, missing = runner.collect_cases(["broken_for_test"], quick=True)
+    finally:
+        del runner.OP_MODULES["broken_for_test"]
+    assert not cases and missing[0]["status"].startswith("unavailable: moon_fast.bench.does_not_exist")
+
+
+def test_roofline_by_hand():
+    peaks = {"gemm_tflops": {"fp32": 2.0, "bf16": 8.0}, "bandwidth_gbps": 100.0}
+    rows = [
+        # compute-bound: intensity 1e3 flop/byte x 100 GB/s = 100 TFLOP/s > 2 -> roof 2 TFLOP/s
+        dict(op="x", backend="b", dtype="fp32", label="", mode="fwd", status="ok", p50_s=1.0, flops=1e12,
+             tflops=1.0, gbps=1.0, extra={"bytes": 1e9, "samples": 10}),
+        # memory-bound: intensity 10 flop/byte x 100 GB/s = 1 TFLOP/s < 8 -> roof 1 TFLOP/s
+        dict(op="x", backend="b", dtype="bf16", label="", mode="fwd", status="ok", p50_s=1.0, flops=1e12,
+             tflops=0.5, gbps=100.0, extra={"bytes": 1e11}),
+        dict(op="x", backend="b", dtype="bf16", label="", mode="fwd", status="oom", p50_s=None, extra={}),
+    ]
+    runner.add_derived(rows, peaks)
+    assert rows[0]["pct_peak"] == pytest.approx(50.0) and rows[0]["bound"] == "compute"
+    assert rows[0]["samples_per_s"] == pytest.approx(10.0)
+    assert rows[1]["pct_peak"] == pytest.approx(50.0) and rows[1]["bound"] == "memory"
+    assert rows[2]["pct_peak"] is None
+
+
+def test_report_speedup_and_status(tmp_path):
+    res = [dict(op="contrastive", backend=b, dtype="fp32", label="B=64", mode="fwd+bwd", status="ok", p50_s=t,
+                p20_s=t, p80_s=t, peak_mem_bytes=2**20, tflops=None, pct_peak=None) for b, t in
+           (("reference", 0.004), ("torch", 0.002))]
+    res.append(dict(op="contrastive", backend="triton", dtype="fp32", label="B=64", mode="fwd",
+                    status="not timed: triton interpreter on CPU"))
+    p = tmp_path / "results.json"
+    p.write_text(json.dumps({"machine": {"device": "cpu", "date": "2026-01-01"}, "settings": {}, "results": res}))
+    md = report.render([str(p)])
+    assert "| fp32 | B=64 | 4 ms, 1 MiB | 2 ms (2x), 1 MiB | not timed |" in md
+    assert "CPU figures" in md
+
+
+@pytest.mark.slow
+def test_bench_quick_all_ops_tiny(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--tiny", "--output", str(out)]) == 0
+    data, _ = _check_outputs(out, set(runner.DEFAULT_OPS))
+    errors = [r for r in data["results"] if r["status"].startswith("error")]
+    assert not errors, errors
+
+
+def test_shared_worker_survives_a_crashing_case(tmp_path, monkeypatch):
+    from moon_fast.bench.harness import Case
+
+    (tmp_path / "crashing_bench_mod.py").write_text(
+        "import os\n\ndef build(**kw):\n    os._exit(3)\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{__import__('os').environ.get('PYTHONPATH', '')}")
+    ok = Case("gemm", "torch", "fp32", {"n": 16}, "moon_fast.bench.gemm:build", label="n=16")
+    bad = Case("gemm", "torch", "fp32", {}, "crashing_bench_mod:build", label="crash")
+    rows = runner.run_cases([ok, bad, ok], warmup=0, repeats=1, timeout_s=120, shared_process=True)
+    by_label = {}
+    for r in rows:
+        by_label.setdefault(r["label"], set()).add(r["status"])
+    assert by_label["n=16"] == {"ok"}
+    assert len(by_label["crash"]) == 1 and next(iter(by_label["crash"])).startswith("error")
+    assert sum(r["label"] == "n=16" and r["mode"] == "fwd+bwd" for r in rows) == 2
+
+
+def test_time_budget_skips_remaining_cases():
+    from moon_fast.bench.harness import Case
+
+    c = Case("gemm", "torch", "fp32", {"n": 16}, "moon_fast.bench.gemm:build", label="n=16")
+    rows = runner.run_cases([c, c], warmup=0, repeats=1, timeout_s=60, time_budget_s=-1.0)
+    assert [r["status"].startswith("skipped: time budget") for r in rows] == [True, True]
+
+
+def test_plot_axes_from_labels():
+    from moon_fast.bench.plots import axis_of
+
+    a = axis_of(["d=64 S=512", "d=64 S=1024", "d=128 S=512", "d=128 causal S=512", "d=128 causal S=2048",
+                 "sweepT:T=128,E=8", "sweepT:T=1024,E=8", "T=512,E=8", "tiny x8"])
+    assert a["d=64 S=1024"] == ("d=64", "S", 1024.0)
+    assert a["d=128 S=512"] == ("d=128", "S", 512.0)
+    assert a["d=128 causal S=2048"] == ("d=128 causal", "S", 2048.0)
+    assert a["sweepT:T=1024,E=8"] == ("sweepT:E=8", "T", 1024.0)
+    assert a["T=512,E=8"] == ("T=512,E=8", None, None)  # alone in its family: bars
+    assert a["tiny x8"] == ("tiny x8", None, None)

@@ -1,0 +1,73 @@
+"""`moon-fast eval` on a tiny random model and a small synthetic catalog (end to end, CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from moon_fast.cli import main
+
+RETRIEVAL = ("t2mm", "i2mm", "mm2mm", "t2i", "i2t")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from moon_fast.data import synthesize
+    from moon_fast.model import MoonModel
+
+    base = tmp_path_factory.mktemp("eval")
+    cat = synthesize(base / "catalog", products=30, seed=3, workers=1, verbose=False)
+    run = base / "run"
+    MoonModel.from_preset("tiny").save_pretrained(str(run / "final"))
+    shutil.copy(cat / "tokenizer.json", run / "final" / "tokenizer.json")
+    (run / "config.yaml").write_text(f"data:\n  path: {cat}\n")
+    return run, cat
+
+
+def _check_shape(res: dict, n: int):
+    assert set(res) == set(RETRIEVAL) | {"classification", "attribute"}
+    for t in RETRIEVAL:
+        m = res[t]
+        assert m["n_queries"] == m["n_candidates"] == n
+        assert 0 <= m["recall@1"] <= m["recall@5"] <= m["recall@10"] <= 1
+        assert 1 / n <= m["mrr"] <= 1
+        assert m["recall@10"] == 1.0 if n <= 10 else True  # k >= candidates
+    for t in ("classification", "attribute"):
+        for k in ("accuracy", "precision", "recall", "f1"):
+            assert 0 <= res[t][k] <= 1
+    assert res["classification"]["n_samples"] == n
+
+
+def test_eval_run_dir_defaults_and_compare(run_dir, capsys):
+    run, cat = run_dir
+    assert main(["eval", "--checkpoint", str(run)]) == 0
+    res = json.loads((run / "eval.json").read_text())
+    n_held = sum(1 for line in (cat / "heldout.jsonl").read_text().splitlines() if line.strip())
+    _check_shape(res, n_held)
+    out = capsys.readouterr().out
+    assert "t2mm" in out and "classification" in out
+    # --compare tabulates runs side by side
+    assert main(["eval", "--compare", str(run), str(run / "eval.json")]) == 0
+    assert "t2mm/recall@1" in capsys.readouterr().out
+
+
+def test_eval_model_dir_with_data_and_limit(run_dir, tmp_path):
+    run, cat = run_dir
+    out = tmp_path / "e.json"
+    assert main(["eval", "--checkpoint", str(run / "final"), "--data", str(cat / "heldout.jsonl"),
+                 "--output", str(out), "--limit", "3", "--tasks", "t2i,classification"]) == 0
+    res = json.loads(out.read_text())
+    assert set(res) == {"t2i", "classification"}
+    assert res["t2i"]["n_candidates"] == 3 and res["t2i"]["recall@5"] == 1.0
+
+
+def test_eval_errors(run_dir, tmp_path, capsys):
+    run, _ = run_dir
+    assert main(["eval", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"product_id": "x", "title": "t"}) + "\n")
+    assert main(["eval", "--checkpoint", str(run), "--data", str(bad), "--output", str(tmp_path / "o.json")]) == 2
+    assert "lacks image, category" in capsys.readouterr().err
