@@ -18,6 +18,7 @@ Asking for an unavailable backend raises :class:`BackendUnavailable` saying why 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
@@ -188,3 +189,33 @@ def autocast_inputs(device: torch.device | str, *tensors, policy: str):
         return tensors
     dtype = torch.get_autocast_dtype(device_type) if policy == "lower_precision" else torch.float32
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def float32_under_autocast(fn: Callable) -> Callable:
+    """Decorator for loss-like ops: inside ``torch.autocast`` every floating tensor argument (also inside
+    lists/tuples) is cast to float32 and the op runs with autocast disabled, as autocast itself treats
+    softmax and cross-entropy. Outside autocast the call is unchanged."""
+
+    def cast(x):
+        if isinstance(x, torch.Tensor):
+            return x.float() if x.is_floating_point() else x
+        if isinstance(x, list | tuple):
+            return type(x)(cast(v) for v in x)
+        return x
+
+    def device_type(args, kwargs) -> str:
+        for x in (*args, *kwargs.values()):
+            for t in (x if isinstance(x, list | tuple) else (x,)):
+                if isinstance(t, torch.Tensor):
+                    return t.device.type
+        return "cpu"
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = device_type(args, kwargs)
+        if not torch.is_autocast_enabled(dev):
+            return fn(*args, **kwargs)
+        with torch.autocast(dev, enabled=False):
+            return fn(*cast(args), **{k: cast(v) for k, v in kwargs.items()})
+
+    return wrapper

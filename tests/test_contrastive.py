@@ -373,3 +373,23 @@ def test_csrc_tile_ops_match_torch_tile_ops():
     l1, l2 = C.row_softmax_grad_(G1, a, pos), T.row_softmax_grad_(G2, a, pos)
     torch.testing.assert_close(l1, l2, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(G1, G2, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_inside_autocast_computes_in_float32(backend):
+    """Inside torch.autocast(bf16) the loss runs in float32 (as autocast treats cross-entropy), with
+    fp32 and bf16 inputs mixed; it equals the fp32 loss outside autocast, gradients included."""
+    q = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(11, 16), dim=-1).requires_grad_()
+    scale = torch.tensor(10.0, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = contrastive_loss(q, k.bfloat16(), scale, symmetric=True, backend=backend)
+    loss.backward()
+    grads = (q.grad.clone(), k.grad.clone(), scale.grad.clone())
+    for t in (q, k, scale):
+        t.grad = None
+    expected = contrastive_loss(q, k.bfloat16().float(), scale, symmetric=True, backend="reference")
+    expected.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, (q.grad, k.grad, scale.grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -39,7 +39,13 @@ from collections.abc import Sequence
 
 import torch
 
-from moon_fast.backends import cuda_emu_unavailable, cuda_ext_unavailable, op_backends, triton_unavailable
+from moon_fast.backends import (
+    cuda_emu_unavailable,
+    cuda_ext_unavailable,
+    float32_under_autocast,
+    op_backends,
+    triton_unavailable,
+)
 from moon_fast.ops import contrastive_dist as cdist
 from moon_fast.ops.contrastive_core import Problem, reference_problem
 
@@ -201,6 +207,7 @@ def _run(problem: Problem, backend: str, chunk_size: int | None) -> torch.Tensor
     return impl.fn(problem, chunk_size)
 
 
+@float32_under_autocast
 def contrastive_loss(query, key, logit_scale, *, target=None, query_group=None, key_group=None,
                      weight=None, symmetric=False, gather=False, reduction="mean", backend="auto",
                      chunk_size=None):
@@ -272,6 +279,7 @@ def contrastive_loss(query, key, logit_scale, *, target=None, query_group=None, 
     return _scalar(_finish(out, reduction, gather), reduction)
 
 
+@float32_under_autocast
 def multi_contrastive_loss(queries: Sequence[torch.Tensor], key, logit_scale, *, targets=None, query_groups=None,
                            key_group=None, weights=None, gather=False, reduction="mean", backend="auto",
                            chunk_size=None):
