@@ -91,3 +91,32 @@ def make_triplet_batch(n_triplets: int = 6, n_intra: int = 3, *, seed: int = 0, 
                         negative=L(n_rows), positive_product_id=L(pid), negative_product_id=L(nid),
                         intra_image=L(ii, dtype=torch.long), intra_text=L(it, dtype=torch.long),
                         intra_product_id=L(iid, dtype=torch.long), corrupted=corrupted)
+
+
+def concat_triplet_batches(batches) -> TripletBatch:
+    """The batches' samples in one packed batch (in order; row indices shifted): what a single
+    process holds when data-parallel ranks hold ``batches``."""
+    encs = [b.encoder for b in batches]
+    offsets = [0]
+    for e in encs[:-1]:
+        offsets.append(offsets[-1] + e.num_samples)
+    lengths = torch.cat([e.cu_seqlens[1:] - e.cu_seqlens[:-1] for e in encs])
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    pix = [e.pixel_values for e in encs if e.pixel_values is not None]
+    thw = [e.image_grid_thw for e in encs if e.image_grid_thw is not None]
+    enc = EncoderBatch(input_ids=torch.cat([e.input_ids for e in encs]), cu_seqlens=cu,
+                       max_seqlen=max(e.max_seqlen for e in encs), composition=torch.cat([e.composition for e in encs]),
+                       pixel_values=torch.cat(pix) if pix else None, image_grid_thw=torch.cat(thw) if thw else None)
+
+    def rows(name):
+        return torch.cat([getattr(b, name) + o for b, o in zip(batches, offsets)])
+
+    def cat(name):
+        return torch.cat([getattr(b, name) for b in batches])
+
+    return TripletBatch(encoder=enc, query=rows("query"), query_modality=cat("query_modality"),
+                        positive=rows("positive"), negative=rows("negative"),
+                        positive_product_id=cat("positive_product_id"), negative_product_id=cat("negative_product_id"),
+                        intra_image=rows("intra_image"), intra_text=rows("intra_text"),
+                        intra_product_id=cat("intra_product_id"),
+                        corrupted=cat("corrupted") if all(b.corrupted is not None for b in batches) else None)

@@ -358,12 +358,12 @@ def test_bench_cases_and_builders_run_tiny():
 def test_inside_autocast_runs_in_autocast_dtype_with_grads(backend):
     """fp32 inputs and weights inside torch.autocast(bf16): the op runs in bf16 like a matmul, and
     gradients flow back to the fp32 leaves (the model trains this way)."""
-    T, H, I, E, k = 9, 12, 10, 3, 2
+    T, H, inter, E, k = 9, 12, 10, 3, 2
     hidden = torch.randn(T, H, requires_grad=True)
     idx = torch.randint(0, E, (T, k))
     w = torch.rand(T, k, requires_grad=True)
-    gate_up = (torch.randn(E, 2 * I, H) * 0.2).requires_grad_()
-    down = (torch.randn(E, H, I) * 0.2).requires_grad_()
+    gate_up = (torch.randn(E, 2 * inter, H) * 0.2).requires_grad_()
+    down = (torch.randn(E, H, inter) * 0.2).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = moe_mlp(hidden, idx, w, gate_up, down, backend=backend)
     assert out.dtype == torch.bfloat16

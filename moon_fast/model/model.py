@@ -35,6 +35,7 @@ from moon_fast.model.config import OBJECTIVES, MoonConfig, apply_overrides
 from moon_fast.model.dsf import dsf_weights
 from moon_fast.model.moe_layer import RoutingContext
 from moon_fast.model.objectives import inter_product_losses, intra_product_loss, objective_members
+from moon_fast.model.param_call import ParamCall, float_exp
 from moon_fast.model.presets import SUPPORTED_MODEL_TYPES, backbone_classes, preset_backbone_config
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class MoonModel(nn.Module):
         init = torch.tensor(math.log(lc.logit_scale_init), dtype=torch.float32, device=p.device)
         self.logit_scale_inter = nn.Parameter(init.clone(), requires_grad=lc.learnable_logit_scale)
         self.logit_scale_intra = nn.Parameter(init.clone(), requires_grad=lc.learnable_logit_scale)
+        # The loss reads the scales outside any forward: through a module call (ZeRO-3, param_call.py).
+        self.logit_scale_call = ParamCall(float_exp, self.logit_scale_inter, self.logit_scale_intra)
         self._warned_fixed = False
 
     # ------------------------------------------------------------------ construction
@@ -205,7 +208,8 @@ class MoonModel(nn.Module):
     def logit_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inter, intra) = exp(parameter) clamped at loss.logit_scale_max (CLIP)."""
         mx = self.moon_config.loss.logit_scale_max
-        return (self.logit_scale_inter.float().exp().clamp(max=mx), self.logit_scale_intra.float().exp().clamp(max=mx))
+        inter, intra = self.logit_scale_call()
+        return inter.clamp(max=mx), intra.clamp(max=mx)
 
     def _set_attn_implementation(self, name: str) -> None:
         if name == "moon_fast":
@@ -330,7 +334,9 @@ class MoonModel(nn.Module):
         """The MOON2.0 training loss of one batch.
 
         progress: step / total_steps in [0, 1] (drives the DSF margin). gather: negatives (and the
-        intra texts) from every rank under torch.distributed.
+        intra texts) from every rank under torch.distributed; each objective is then this rank's
+        mean over its local queries, with gradients such that DDP / DeepSpeed averaging over ranks
+        gives the single-process gradient of the concatenated batch (moon_fast.model.objectives).
 
         metrics: ``loss/total``, ``loss/<objective>`` and ``weight/<objective>`` for the objectives
         present, ``moe/aux_loss``, ``moe/sparsity_loss``, ``moe/load/<key>/e<z>`` (share of the

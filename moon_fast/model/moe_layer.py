@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from moon_fast.model.param_call import ParamCall, log_softmax_rows
 from moon_fast.ops import moe_mlp
 
 
@@ -101,6 +102,8 @@ class ModalityMoE(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(total, hidden_size, intermediate_size, **kw))
         # W*: zeros = every expert starts uniform over the objectives. Kept in float32 (tiny).
         self.alignment = nn.Parameter(torch.zeros(num_experts, num_objectives, dtype=torch.float32, device=device))
+        # The loss reads W* after the forward: through a module call of its own (ZeRO-3, param_call.py).
+        self.alignment_call = ParamCall(log_softmax_rows, self.alignment)
         self.group_names: tuple[str, ...] = tuple(expert_groups) if expert_groups else ()
         if expert_groups:
             mask = torch.zeros(len(expert_groups), num_experts, dtype=torch.bool)
@@ -226,11 +229,11 @@ class ModalityMoE(nn.Module):
 
     def objective_probs(self) -> torch.Tensor:
         """p = softmax(W*, dim=1): (Z, M), each expert's distribution over the objectives."""
-        return self.alignment.float().softmax(dim=1)
+        return self.alignment_call().exp()
 
     def sparsity_loss(self) -> torch.Tensor:
         """L_sparsity = (1/Z) sum_z entropy(p_z) (natural log)."""
-        logp = self.alignment.float().log_softmax(dim=1)
+        logp = self.alignment_call()
         return -(logp.exp() * logp).sum(1).mean()
 
     def sample_routing(self, record: RoutingRecord | None = None, token_sample: torch.Tensor | None = None,

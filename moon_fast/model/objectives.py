@@ -12,14 +12,50 @@ Inter-product (one objective per query modality v in t, i, mm):
 
 Intra-product: image-only view of product i against the text-only views (positive: its own text;
 negatives: the other products' texts, same-product duplicates excluded), optionally symmetric.
+L_intra = (1/P) sum_i l_i over the P local products (l_i = both directions averaged when symmetric).
+
+Data-parallel convention (``gather=True``, every objective): each rank returns the mean over its
+LOCAL queries of their losses against the keys of ALL ranks, and the gradients are such that the
+average over ranks of the parameter gradients (what DDP / DeepSpeed do) equals the single-process
+gradient of the loss on the concatenated batch, when ranks hold equally many queries (per modality
+for inter_v). The average over ranks of the returned values is then the global loss. Two parts:
+
+* contrastive_loss(reduction="none", gather=True) routes every rank's share of the gradient to the
+  rank owning each embedding (its gathers sum the column gradients), so rank r's encoder gradient is
+  d(sum over ranks of local sums)/d(rank r's embeddings); divided by the local count c and averaged
+  over ranks that is d(global mean)/d(params);
+* the logit scale is replicated: the op all-reduces (sums) its gradient, so every rank would receive
+  world_size x d(global mean)/d(scale) and the average would keep that factor. :func:`dp_replicated`
+  scales the gradient reaching the parameter by 1/world_size.
+
+(``reduction="mean"`` under gather follows the other convention, sum over ranks: its encoder
+gradients would be averaged down by 1/world_size; not used here.)
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from moon_fast.data.batch import COMPOSITIONS, TripletBatch
 from moon_fast.ops import contrastive_loss
+
+
+def gather_world_size(gather: bool) -> int:
+    """The number of ranks whose keys a ``gather=True`` loss sees (1 without a process group)."""
+    if gather and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def dp_replicated(x: torch.Tensor, gather: bool) -> torch.Tensor:
+    """``x`` (a replicated value such as a logit scale, fed to a gather=True loss) with its gradient
+    multiplied by 1/world_size, so that data-parallel averaging of the op's all-reduced (summed)
+    gradient gives the single-process gradient (module docstring). The value is unchanged."""
+    ws = gather_world_size(gather)
+    if ws == 1:
+        return x
+    return x / ws + (x - x / ws).detach()
 
 
 def inter_product_losses(emb: torch.Tensor, batch: TripletBatch, logit_scale: torch.Tensor, *,
@@ -35,6 +71,7 @@ def inter_product_losses(emb: torch.Tensor, batch: TripletBatch, logit_scale: to
     if not (p_rows.numel() == n_rows.numel() == num_q == batch.query_modality.numel()):
         raise ValueError(f"TripletBatch: query ({num_q}), positive ({p_rows.numel()}), negative ({n_rows.numel()}) "
                          f"and query_modality ({batch.query_modality.numel()}) must have the same length")
+    logit_scale = dp_replicated(logit_scale, gather)
     query = emb[q_rows]
     keys = torch.cat([emb[p_rows], emb[n_rows]], dim=0)
     key_group = torch.cat([batch.positive_product_id, batch.negative_product_id]).long()
@@ -54,7 +91,8 @@ def inter_product_losses(emb: torch.Tensor, batch: TripletBatch, logit_scale: to
 
 def intra_product_loss(emb: torch.Tensor, batch: TripletBatch, logit_scale: torch.Tensor, *, symmetric: bool = True,
                        gather: bool = False, backend: str = "auto") -> torch.Tensor | None:
-    """Image views against text views of the same P products; None when P == 0."""
+    """Image views against text views of the same P products: the scalar mean over the P local
+    pairs (under gather against the texts/images of every rank); None when P == 0."""
     img_rows, txt_rows = batch.intra_image, batch.intra_text
     if img_rows.numel() == 0:
         return None
@@ -62,9 +100,12 @@ def intra_product_loss(emb: torch.Tensor, batch: TripletBatch, logit_scale: torc
         raise ValueError(f"TripletBatch: intra_image ({img_rows.numel()}), intra_text ({txt_rows.numel()}) and "
                          f"intra_product_id ({batch.intra_product_id.numel()}) must have the same length")
     pid = batch.intra_product_id.long()
-    loss = contrastive_loss(emb[img_rows], emb[txt_rows], logit_scale, query_group=pid, key_group=pid,
-                            symmetric=symmetric, gather=gather, reduction="mean", backend=backend)
-    return loss.reshape(())
+    # reduction="none" + local mean: the data-parallel convention of the module docstring (the op's
+    # "mean" under gather is the global mean with sum-over-ranks gradients: 1/world under averaging).
+    per_pair = contrastive_loss(emb[img_rows], emb[txt_rows], dp_replicated(logit_scale, gather), query_group=pid,
+                                key_group=pid, symmetric=symmetric, gather=gather, reduction="none",
+                                backend=backend)
+    return per_pair.sum() / img_rows.numel()
 
 
 def objective_members(batch: TripletBatch, objectives: tuple[str, ...]) -> list[torch.Tensor]:
