@@ -1,0 +1,182 @@
+"""flash_attention's Triton kernels (FA2 forward, dq/dk/dv backward) against the fp32 reference.
+
+On the CPU these run under the Triton interpreter, whose cost is programs x loop steps, so shapes are
+smaller than in tests/test_attention.py: seqlens 1, 17, 97, 130 (257 only for the torch path), varlen
+lengths up to 130, few heads. Default interpreter tiles are 64 x 64; some tests switch to 16/32-row tiles
+(and BLOCK_M != BLOCK_N, as the GPU forward uses) so that several blocks, the causal block skipping and
+partial tiles are exercised at these lengths. Every output buffer is NaN-poisoned before the kernels run.
+On a GPU the same tests run with the GPU tiles.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_attention import check_against_reference, cu_of, make_qkv
+
+from moon_fast.backends import triton_unavailable
+
+pytestmark = pytest.mark.skipif(triton_unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                                is not None, reason="triton cannot run here (see triton_unavailable)")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    from moon_fast.kernels import flash_attention as fa
+
+    monkeypatch.setattr(fa, "POISON_OUTPUTS", True)
+    yield fa
+
+
+def _on(dev, *ts):
+    return [t.detach().to(dev).requires_grad_(True) for t in ts]
+
+
+def check(q, k, v, **kw):
+    q, k, v = _on(DEV, q, k, v)
+    for name in ("cu_q", "cu_k"):
+        if kw.get(name) is not None:
+            kw[name] = kw[name].to(DEV)
+    check_against_reference("triton", q, k, v, **kw)
+
+
+@pytest.mark.parametrize("seqlen", [1, 17, 97, 130])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_fp32(seqlen, causal):
+    q, k, v = make_qkv((2, seqlen, 2, 32), (2, seqlen, 1, 32), torch.float32, seed=seqlen)
+    check(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("groups,causal", [(1, True), (2, False), (4, True), (8, False)])
+def test_gqa_ratios(groups, causal):
+    q, k, v = make_qkv((1, 40, 8, 32), (1, 40, 8 // groups, 32), torch.float32, seed=groups)
+    check(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_low_precision_criterion(dtype, causal):
+    q, k, v = make_qkv((1, 97, 4, 64), (1, 97, 2, 64), dtype, seed=5)
+    check(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(80, torch.float32), (96, torch.bfloat16), (40, torch.float16)])
+def test_head_dims_padded_to_power_of_two(head_dim, dtype):
+    q, k, v = make_qkv((1, 33, 2, head_dim), (1, 33, 2, head_dim), dtype, seed=head_dim)
+    check(q, k, v, causal=True, scale=0.2)
+
+
+@pytest.mark.parametrize("sq,sk", [(20, 100), (100, 20)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_seqlen_q_differs_from_k(sq, sk, causal, _poison, monkeypatch):
+    monkeypatch.setattr(_poison, "INTERPRETER_TILES", (32, 16))
+    q, k, v = make_qkv((1, sq, 2, 16), (1, sk, 1, 16), torch.float32, seed=sq + sk)
+    check(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_mixed_lengths(causal):
+    lq = [1, 130, 0, 17, 64, 33]
+    q, k, v = make_qkv((sum(lq), 4, 16), (sum(lq), 2, 16), torch.float32, seed=21)
+    check(q, k, v, causal=causal, cu_q=cu_of(lq), cu_k=cu_of(lq))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_small_tiles_block_m_differs_from_n(causal, _poison, monkeypatch):
+    monkeypatch.setattr(_poison, "INTERPRETER_TILES", (16, 32))
+    lq = [1, 70, 0, 17, 33]
+    q, k, v = make_qkv((sum(lq), 2, 16), (sum(lq), 1, 16), torch.float32, seed=24)
+    check(q, k, v, causal=causal, cu_q=cu_of(lq), cu_k=cu_of(lq))
+
+
+def test_varlen_q_k_lengths_differ_and_empty(_poison, monkeypatch):
+    monkeypatch.setattr(_poison, "INTERPRETER_TILES", (16, 16))
+    lq = [3, 0, 40, 7, 20, 5]
+    lk = [30, 4, 10, 7, 0, 9]
+    q, k, v = make_qkv((sum(lq), 2, 16), (sum(lk), 1, 16), torch.float32, seed=22)
+    check(q, k, v, causal=True, cu_q=cu_of(lq), cu_k=cu_of(lk))
+    check(q, k, v, causal=False, cu_q=cu_of(lq), cu_k=cu_of(lk))
+
+
+def test_varlen_bf16_gqa():
+    lq = [50, 1, 77]
+    q, k, v = make_qkv((sum(lq), 4, 32), (sum(lq), 1, 32), torch.bfloat16, seed=23)
+    check(q, k, v, causal=True, cu_q=cu_of(lq), cu_k=cu_of(lq))
+
+
+def test_strided_inputs_from_a_fused_qkv_projection():
+    # The Qwen2-VL vision attention unbinds q, k, v from one (S, 3, H, D) tensor: token stride 3*H*D.
+    qkv = torch.randn(45, 3, 2, 32)
+    q, k, v = qkv.unbind(1)
+    assert q.stride(0) == 3 * 2 * 32
+    lens = [20, 25]
+    check(q, k, v, causal=False, cu_q=cu_of(lens), cu_k=cu_of(lens))
+
+
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)])
+def test_causal_block_boundaries_every_diagonal_offset(tiles, _poison, monkeypatch):
+    """Bottom-right causal with Sk - Sq covering every residue modulo the tile sizes: the boundaries
+    between fully visible blocks (no mask) and diagonal blocks (masked) in all three kernels."""
+    monkeypatch.setattr(_poison, "INTERPRETER_TILES", tiles)
+    lq = [48] * 32
+    lk = [48 + d for d in range(-16, 16)]
+    q, k, v = make_qkv((sum(lq), 2, 16), (sum(lk), 1, 16), torch.float32, seed=25)
+    check(q, k, v, causal=True, cu_q=cu_of(lq), cu_k=cu_of(lk))
+
+
+_AOT = r'''
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moon_fast.kernels import flash_attention as fa
+
+def signature(fn, dtype, consts):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("CU_Q", "CU_K"):
+            sig[name] = "*i32"
+        elif name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name.isupper():
+            sig[name] = "*" + dtype
+        else:
+            sig[name] = "fp32" if "scale" in name else "i32"
+    return sig
+
+arch = int(sys.argv[1])
+for dtype, tdt, d in (("bf16", torch.bfloat16, 80), ("fp16", torch.float16, 128), ("fp32", torch.float32, 64)):
+    bd = max(16, triton.next_power_of_2(d))
+    for kind, kern in (("fwd", fa._fwd_kernel), ("dkdv", fa._bwd_dkdv_kernel), ("dq", fa._bwd_dq_kernel)):
+        bm, bn, w, st = fa._tiles(kind, bd, tdt)
+        consts = dict(GROUP=2, HEAD_DIM=d, CAUSAL=True, UPCAST=False, PRECISION=fa._precision(tdt), BLOCK_M=bm,
+                      BLOCK_N=bn, BLOCK_D=bd)
+        k = triton.compile(ASTSource(kern, signature(kern, dtype, consts), consts),
+                           target=GPUTarget("cuda", arch, 32), options=dict(num_warps=w, num_stages=st))
+        assert k.asm.get("cubin"), (kind, dtype)
+        print("compiled", arch, kind, dtype, d, (bm, bn, w, st), "smem", k.metadata.shared)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_gpu_ahead_of_time(arch, tmp_path):
+    """Compiles the forward and both backward kernels to cubin for sm_80 / sm_90 without a GPU (catches
+    GPU-only compile errors: dot operand types, shapes, shared memory), in a child without the interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "aot.py"
+    script.write_text(_AOT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, str(script), str(arch)], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("compiled") == 9, proc.stdout
