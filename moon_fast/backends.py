@@ -175,6 +175,13 @@ def op_backends(op: str, auto_order: dict[str, Sequence[str]]) -> OpBackends:
 
 # ----------------------------------------------------------------------------- autocast
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...): never autocast there
+        return False
+
+
 def autocast_inputs(device: torch.device | str, *tensors, policy: str):
     """Casts an op's floating inputs the way torch.autocast would, so callers may use our ops inside
     ``torch.autocast`` regions (mixed fp32/bf16 inputs otherwise meet inside the backends).
@@ -185,7 +192,7 @@ def autocast_inputs(device: torch.device | str, *tensors, policy: str):
     ``torch.autocast(device_type, enabled=False)`` so its internals see exactly these dtypes.
     """
     device_type = torch.device(device).type
-    if not torch.is_autocast_enabled(device_type):
+    if not _autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type) if policy == "lower_precision" else torch.float32
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
@@ -213,7 +220,7 @@ def float32_under_autocast(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         dev = device_type(args, kwargs)
-        if not torch.is_autocast_enabled(dev):
+        if not _autocast_enabled(dev):
             return fn(*args, **kwargs)
         with torch.autocast(dev, enabled=False):
             return fn(*cast(args), **{k: cast(v) for k, v in kwargs.items()})

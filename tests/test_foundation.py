@@ -100,8 +100,10 @@ def test_env_command_json_tells_the_truth():
         assert cpu["reference"] == "available"
         assert cpu["torch"] == "available"
         if not torch.cuda.is_available():
-            assert "CUDA tensors" in cpu["cuda"] or "not built" in cpu["cuda"]
+            if "cuda" in cpu:  # flash_attention's CUDA path is the flash_attn peer, not csrc
+                assert "CUDA tensors" in cpu["cuda"] or "not built" in cpu["cuda"]
             assert "TRITON_INTERPRET" in cpu["triton"]
+    assert "cuda_emu" in info["ops"]["moe_mlp"]["cpu"] and info["ops"]["moe_mlp"]["cpu"]["cuda_emu"] == "available"
 
 
 def test_env_command_text_runs():
