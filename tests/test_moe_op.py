@@ -73,7 +73,10 @@ def check_against_fp32_oracle(got, ref_lp, ref_fp32, dtype, *, factor=2.0):
         scale = r32.abs().max().item() + 1e-6
         err = (g.float() - r32).abs().max().item()
         ref_err = (r_lp.float() - r32).abs().max().item()
-        floor = tolerance(dtype)["atol"] * scale
+        # The reference's own error is a max over the tensor's elements: over a handful of elements
+        # (T=1: d_expert_weight has k entries) it can come out far below the usual rounding error of a
+        # low-precision dot product, so tiny tensors get a doubled floor.
+        floor = tolerance(dtype)["atol"] * scale * (2.0 if g.numel() < 64 else 1.0)
         assert err <= factor * ref_err + floor, (
             f"{name} {dtype}: error {err:.3g} vs fp32 reference exceeds {factor} x the reference's own "
             f"low-precision error {ref_err:.3g} + {floor:.3g}")
