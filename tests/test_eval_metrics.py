@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from utils import unit
 
 from moon_fast.eval.metrics import (
     chunked_topk,
@@ -14,11 +15,6 @@ from moon_fast.eval.metrics import (
     nearest_prototype,
     retrieval_metrics,
 )
-
-
-def unit(*rows):
-    t = torch.tensor(rows, dtype=torch.float32)
-    return t / t.norm(dim=1, keepdim=True)
 
 
 def test_retrieval_hand_computed():

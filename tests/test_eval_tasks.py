@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from utils import unit
 
 from moon_fast.eval.evaluate import (
     evaluate_embeddings,
@@ -13,11 +13,6 @@ from moon_fast.eval.evaluate import (
     format_results,
     resolve_checkpoint,
 )
-
-
-def unit(*rows):
-    t = torch.tensor(rows, dtype=torch.float32)
-    return t / t.norm(dim=1, keepdim=True)
 
 
 def test_evaluate_embeddings_by_hand():

@@ -52,9 +52,7 @@ def _zero3_worker(rank: int, init_file: str, out_dir: str) -> None:
         from moon_fast.train import engine as engine_mod
         from moon_fast.train.config import load_config
 
-        # The model alone must be ZeRO-3 safe: no external-parameter registration by the engine.
-        if hasattr(engine_mod, "_register_external_params"):
-            engine_mod._register_external_params = lambda *args: None
+        # The model alone is ZeRO-3 safe (ParamCall): the engine registers no external parameters.
         cfg = load_config("ci", ["distributed.engine=deepspeed", "distributed.zero_stage=3", "train.global_batch=4"])
         model, batch = _setup()
         eng = engine_mod.make_engine(model, cfg, 1, torch.device("cpu"), torch.float32, 4)

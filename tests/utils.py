@@ -53,3 +53,9 @@ def low_precision_error_bound(out_lp: torch.Tensor, out_ref_lp: torch.Tensor, ou
     kernel_err = (out_lp.float() - out_ref_fp32.float()).abs().max().item()
     torch_err = (out_ref_lp.float() - out_ref_fp32.float()).abs().max().item()
     return kernel_err, factor * torch_err + floor
+
+
+def unit(*rows) -> torch.Tensor:
+    """L2-normalised float32 rows, for hand-computed embedding cases."""
+    t = torch.tensor(rows, dtype=torch.float32)
+    return t / t.norm(dim=1, keepdim=True)

@@ -184,16 +184,8 @@ class ModalityMoE(nn.Module):
             shared_w = torch.full((t, s), self.shared_weight / s, device=x.device, dtype=w.dtype)
             idx = torch.cat([idx, shared_idx], dim=1)
             w = torch.cat([w * (1.0 - self.shared_weight), shared_w], dim=1)
-        gate_up, down = self.gate_up_proj, self.down_proj
-        if torch.is_autocast_enabled(x.device.type):
-            # Under autocast the expert GEMMs run in the autocast dtype (as F.linear would); the op
-            # itself then runs with autocast off so its forward and backward see one dtype.
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, gate_up, down = x.to(dt), gate_up.to(dt), down.to(dt)
-            with torch.autocast(x.device.type, enabled=False):
-                out = moe_mlp(x, idx, w.to(dt), gate_up, down, backend=self.backend)
-        else:
-            out = moe_mlp(x, idx, w.to(x.dtype), gate_up, down, backend=self.backend)
+        # Under torch.autocast, moe_mlp itself runs in the autocast dtype (moon_fast.backends policy).
+        out = moe_mlp(x, idx, w, self.gate_up_proj, self.down_proj, backend=self.backend)
         return out.reshape(shape)
 
     # ------------------------------------------------------------------ losses and objective weights

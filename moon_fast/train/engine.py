@@ -163,8 +163,6 @@ class DeepSpeedEngine(Engine):
             model=self.module, optimizer=optimizer, config=ds, dist_init_required=False,
             lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched)),
             model_parameters=None if optimizer is not None else param_groups(model, o.weight_decay))
-        if d.zero_stage == 3:
-            _register_external_params(self.module, model)
 
     def forward(self, batch, progress, gather):
         return self.ds(batch, progress, gather)
@@ -195,19 +193,6 @@ class DeepSpeedEngine(Engine):
 
             return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
         return contextlib.nullcontext()
-
-
-def _register_external_params(wrapper: nn.Module, model: nn.Module) -> None:
-    """ZeRO-3 gathers a module's parameters when that module is called. compute_loss reads some
-    parameters outside any submodule call: the model's own (logit scales) and each MoE layer's
-    dual-alignment matrix W* (``alignment``); they are registered on the wrapper, whose call spans the
-    whole loss computation."""
-    import deepspeed
-
-    params = list(model.parameters(recurse=False))
-    params += [p for n, p in model.named_parameters() if n.split(".")[-1] == "alignment"]
-    for p in params:
-        deepspeed.zero.register_external_parameter(wrapper, p)
 
 
 def _patch_scalar_broadcast() -> None:
