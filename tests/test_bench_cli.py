@@ -136,3 +136,47 @@ def test_plot_axes_from_labels():
     assert a["sweepT:T=1024,E=8"] == ("sweepT:E=8", "T", 1024.0)
     assert a["T=512,E=8"] == ("T=512,E=8", None, None)  # alone in its family: bars
     assert a["tiny x8"] == ("tiny x8", None, None)
+
+
+def sleepy_build(*, backend, dtype, device, seconds):
+    """A workload whose forward sleeps ``seconds`` (the interleaved comparison's self-check)."""
+    import time
+
+    from moon_fast.backends import BackendUnavailable
+    from moon_fast.bench.harness import Workload
+
+    if backend == "missing":
+        raise BackendUnavailable("the 'missing' backend is never installed")
+    return Workload(forward=lambda: time.sleep(seconds), flops_fwd=1e9)
+
+
+def test_interleaved_ratios_and_unavailable():
+    from moon_fast.bench.harness import Case
+    from moon_fast.bench.interleaved import compare, format_table
+
+    builder = f"{__name__}:sleepy_build"
+    cases = [Case("toy", name, "fp32", {"seconds": s}, builder, label="x")
+             for name, s in (("fast", 0.002), ("slow", 0.012), ("missing", 0.0))]
+    res = compare(cases, rounds=4, warmup=0)
+    be = res["backends"]
+    assert res["baseline"] == "fast" and len(be["fast"]["times_s"]) == 4
+    assert be["fast"]["p50_s"] >= 0.002 and be["slow"]["p50_s"] >= 0.012
+    assert be["slow"]["ratio_min"] > 1.5  # sleeps of 2 and 12 ms: the ratio cannot come out below 1.5
+    assert be["missing"]["status"].startswith("unavailable:") and "times_s" not in be["missing"]
+    table = format_table([res])
+    assert "baseline" in table and "unavailable" in table
+    with pytest.raises(ValueError, match="op, dtype and label"):
+        compare([cases[0], Case("toy", "slow", "bf16", {"seconds": 0.0}, builder, label="x")], rounds=1)
+
+
+def test_bench_interleave_cli(tmp_path, capsys):
+    out = tmp_path / "il"
+    assert main(["bench", "--ops", "gemm", "--quick", "--dtypes", "fp32", "--label", "n=64", "--label", "n=128",
+                 "--interleave", "2", "--output", str(out)]) == 0
+    data = json.loads((out / "interleaved.json").read_text())
+    assert [g["label"] for g in data["groups"]] == ["n=64", "n=128"]
+    assert all(len(g["backends"]["torch"]["times_s"]) == 2 for g in data["groups"])
+    assert data["machine"]["torch"] and "| gemm | fp32 | n=64 | torch |" in (out / "interleaved.md").read_text()
+    assert main(["bench", "--ops", "gemm", "--quick", "--label", "no such", "--interleave", "2",
+                 "--output", str(out)]) == 2
+    assert "no case matches" in capsys.readouterr().err

@@ -2,6 +2,12 @@
 
     moon-fast bench [--ops contrastive,attention,moe,train] [--quick] [--output DIR]
     moon-fast bench --report DIR/results.json [MORE.json ...]     # prints the README performance section
+    moon-fast bench --ops moe --label T=4096,E=8 --backends torch,hf_grouped_mm --interleave 15
+
+With ``--interleave ROUNDS`` the backends of each case are instead timed in turn, round after round, in
+one process (``moon_fast/bench/interleaved.py``): forward+backward medians and per-round ratios against
+the first backend listed, free of the drift between processes. Writes ``interleaved.json`` and
+``interleaved.md``.
 
 For each op, backend, dtype and shape (the cases of ``moon_fast/bench/<op>.py``): forward, backward and
 forward+backward time (median, p20/p80), peak memory, TFLOP/s and GB/s from explicit formulas, and %
@@ -25,6 +31,11 @@ def add_parser(sub) -> None:
     p.add_argument("--output", default="bench_results", help="directory for results.csv/json, plots, report.md")
     p.add_argument("--backends", default=None, help="only these backends (comma-separated)")
     p.add_argument("--dtypes", default=None, help="only these dtypes (comma-separated: fp32,bf16,fp16)")
+    p.add_argument("--label", action="append", default=None, metavar="LABEL",
+                   help="only cases with this label, e.g. 'T=4096,E=8' or 'd=128 causal S=1024' (repeatable)")
+    p.add_argument("--interleave", type=int, default=None, metavar="ROUNDS",
+                   help="time the backends of each case in turn for ROUNDS rounds in one process; "
+                        "ratios against the first backend of --backends")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 1, GPU 3)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per mode (default: 3 with --quick, 10; 20 on a GPU)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per case before it is recorded as failed")
@@ -39,6 +50,36 @@ def add_parser(sub) -> None:
     # Hidden: the first case of each (op, backend, dtype) only, 1 repeat, small peak probes (tests).
     p.add_argument("--tiny", action="store_true", help=argparse_suppress())
     p.set_defaults(func=run)
+
+
+def run_interleaved(args, cases, warmup: int) -> int:
+    import json
+
+    from moon_fast.bench import harness, interleaved
+
+    if args.interleave < 1:
+        print("error: --interleave needs at least 1 round", file=sys.stderr)
+        return 2
+    if not cases:
+        print("error: no case matches --ops/--backends/--dtypes/--label (labels are listed in results.csv "
+              "of a normal run)", file=sys.stderr)
+        return 2
+    if args.backends:  # the order given is the order of the rows and of the ratios (first = baseline)
+        order = [b.strip() for b in args.backends.split(",")]
+        cases = sorted(cases, key=lambda c: order.index(c.backend))  # stable: groups keep their order
+    groups = interleaved.run_groups(cases, rounds=args.interleave, warmup=warmup)
+    machine = harness.machine_info()
+    settings = {"command": "moon-fast bench " + " ".join(sys.argv[2:]), "rounds": args.interleave, "warmup": warmup}
+    with open(os.path.join(args.output, "interleaved.json"), "w") as f:
+        json.dump({"machine": machine, "settings": settings, "groups": groups}, f, indent=1)
+    table = interleaved.format_table(groups)
+    with open(os.path.join(args.output, "interleaved.md"), "w") as f:
+        f.write(f"{machine['device']} ({machine['host_cpu']}, {machine['cpu_threads']} threads), torch "
+                f"{machine['torch']}, commit {machine['commit']}, {machine['date']}; {args.interleave} rounds\n\n"
+                + table + "\n")
+    print(table)
+    print(f"\nwrote {args.output}/interleaved.json and interleaved.md")
+    return 0
 
 
 def argparse_suppress():
@@ -76,7 +117,11 @@ def run(args) -> int:
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     cases, missing = runner.collect_cases(ops, quick=args.quick or args.tiny, tiny=args.tiny,
                                           backends=split(args.backends), dtypes=split(args.dtypes))
+    if args.label:
+        cases = [c for c in cases if c.label in args.label]
     os.makedirs(args.output, exist_ok=True)
+    if args.interleave is not None:
+        return run_interleaved(args, cases, warmup)
     shared = args.process_per_case == "no" or (args.process_per_case == "auto" and (args.quick or args.tiny) and not gpu)
 
     machine = harness.machine_info()
