@@ -177,3 +177,22 @@ def test_backbone_on_triton_backend(_registered_and_counted):
     attention_hf.set_attention_backend("triton")
     batch = {k: v.to(dev) for k, v in _image_batch("right").items()}
     _compare(ref, ours, batch, batch["attention_mask"].bool())
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_packed_vision_attention_matches_sdpa(kind, _registered_and_counted):
+    """pack_vision_attention: one varlen call per vision layer (all images, or all windows in
+    Qwen2.5-VL), same outputs and gradients as transformers' SDPA path; enabled=False restores it."""
+    ref, ours = _models(kind)
+    depth = ours.config.vision_config.depth
+    assert attention_hf.pack_vision_attention(ours) == depth
+    batch = _image_batch()
+    calls = _registered_and_counted
+    ours.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+    assert calls == [True] * depth  # two images of different sizes, one call per layer
+    calls.clear()
+    _compare(ref, ours, batch, batch["attention_mask"].bool())
+    assert attention_hf.pack_vision_attention(ours, enabled=False) == depth
+    calls.clear()
+    ours.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+    assert len(calls) > depth  # per image (or window) again

@@ -2,7 +2,8 @@
 
 * dense: FlashAttention's benchmark shape: a fixed token budget split into ``batch = tokens // seqlen``
   sequences, ``heads = hidden // head_dim``; seqlens 512..8192, head dims 64 / 80 / 128, non-causal, plus
-  causal at head dim 128. Backends ``reference`` (materialised fp32 softmax), ``sdpa``, ``torch``,
+  causal at head dim 128 (16384 tokens x 2048 wide on a GPU; 8192 x 1024 on a CPU; ``quick``: 4096 x
+  1024 at 512 and 1024 only). Backends ``reference`` (materialised fp32 softmax), ``sdpa``, ``torch``,
   ``triton`` (not timed on the CPU: interpreter), ``flash_attn`` (peer, when installed).
 * varlen: a packed batch of sequences of random lengths 1..max_len (the vision encoder's images, packed
   text samples), GQA 4:1. Ours (``torch``, ``triton``, ``flash_attn``) take cu_seqlens; peers
@@ -109,8 +110,10 @@ def cases(quick: bool) -> list[Case]:
     dtypes = ("bf16",) if gpu else ("fp32", "bf16")
     if quick:  # a few minutes on 2 CPU cores: two lengths, head dim 128 only
         seqlens, tokens, hidden, head_dims = (512, 1024), 4096, 1024, (128,)
-    else:
+    elif gpu:
         seqlens, tokens, hidden, head_dims = (512, 1024, 2048, 4096, 8192), 16384, 2048, (64, 80, 128)
+    else:  # the full sweep at a quarter of the GPU's token budget and half its width: ~1 h on 2 CPU cores
+        seqlens, tokens, hidden, head_dims = (512, 1024, 2048, 4096, 8192), 8192, 1024, (64, 80, 128)
     out: list[Case] = []
     for dt in dtypes:
         for d in head_dims:

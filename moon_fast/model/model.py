@@ -221,6 +221,9 @@ class MoonModel(nn.Module):
         else:  # older transformers: set it on every (sub)config
             for cfg in (self.backbone.config, self.backbone.config.text_config, self.backbone.config.vision_config):
                 cfg._attn_implementation = name
+        from moon_fast.ops.attention_hf import pack_vision_attention
+
+        pack_vision_attention(self.backbone, enabled=name == "moon_fast")  # one varlen call per vision layer
 
     @contextlib.contextmanager
     def _attention_backend(self):

@@ -9,8 +9,11 @@
 
 What the attention function handles (q arrives (B, H, S, D) from transformers; it returns (B, S, H, D)):
 
-* Qwen2-VL / Qwen2.5-VL vision encoder: called per image (transformers splits by ``cu_seqlens`` for
-  implementations whose name lacks "flash"), bidirectional; or packed with ``cu_seq_lens_q/k``.
+* Qwen2-VL / Qwen2.5-VL vision encoder: transformers splits the packed images by ``cu_seqlens`` and
+  calls us once per image, because it passes ``cu_seqlens`` only to implementations whose name contains
+  "flash" (and such a name makes it import the flash-attn package). :func:`pack_vision_attention`
+  replaces the vision attention's forward of one model (Liger-Kernel style) with one varlen call per
+  layer over all images (or all windows, Qwen2.5-VL).
 * language model, causal: dense; packed samples through FlashAttentionKwargs ``cu_seq_lens_q/k`` and
   ``max_length_q/k``, or ``position_ids`` that restart (batch 1, as transformers' FA2 path infers them);
   padded batches through the 2-D padding mask (unpadded to varlen: padding is never attended, padded
@@ -21,6 +24,9 @@ The backend is ``set_attention_backend(name)`` if called, else ``auto`` (which h
 """
 
 from __future__ import annotations
+
+import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -161,3 +167,46 @@ def register_attention() -> str:
     AttentionInterface.register(NAME, moon_fast_attention_forward)
     AttentionMaskInterface.register(NAME, padding_mask_for_moon_fast)
     return NAME
+
+
+def _packed_vision_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                                     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                                     max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
+    """Qwen2-VL / Qwen2.5-VL vision attention over packed patches: hidden_states (total, dim),
+    cu_seqlens (n_images + 1,) or the window boundaries -> (total, dim). The same qkv, rotary embedding
+    (the model module's own ``apply_rotary_pos_emb_vision``) and projection as transformers' forward, with
+    one varlen flash_attention call instead of one call per image."""
+    total = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(total, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
+    out = flash_attention(q, k, v, causal=False, softmax_scale=self.scaling, cu_seqlens_q=cu_seqlens,
+                          cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+                          backend=get_attention_backend())  # (total, heads, head_dim)
+    return self.proj(out.reshape(total, -1))
+
+
+def _is_vision_attention(module: torch.nn.Module) -> bool:
+    """transformers' Qwen2-VL ``VisionAttention`` / Qwen2.5-VL ``Qwen2_5_VLVisionAttention`` (the
+    attributes and the module-level rotary function the packed forward relies on)."""
+    return (type(module).__name__ in ("VisionAttention", "Qwen2_5_VLVisionAttention")
+            and all(hasattr(module, a) for a in ("qkv", "proj", "num_heads", "scaling"))
+            and hasattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb_vision"))
+
+
+def pack_vision_attention(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Makes every Qwen2-VL / Qwen2.5-VL vision attention of ``model`` attend over all its images in
+    one varlen ``flash_attention`` call (``enabled=False`` restores transformers' forward). Only for
+    the "moon_fast" implementation: the patched forward ignores ``config._attn_implementation``.
+    Returns how many modules were changed."""
+    n = 0
+    for module in model.modules():
+        if not _is_vision_attention(module):
+            continue
+        if enabled:
+            module.forward = types.MethodType(_packed_vision_attention_forward, module)
+            n += 1
+        elif "forward" in vars(module):
+            del module.forward  # back to the class's forward
+            n += 1
+    return n
