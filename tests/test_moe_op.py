@@ -350,7 +350,7 @@ def test_bench_cases_and_builders_run_tiny():
         cases = bench.cases(quick)
         assert cases and all(c.op == "moe" and c.builder == bench.BUILDER for c in cases)
     outs = {}
-    for backend in ("reference", "torch", "grouped_mm", "hf_eager", "hf_grouped_mm", "dense_gemm"):
+    for backend in ("reference", "torch", "grouped_mm", "hf_eager", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor"):
         work = bench.build(backend=backend, dtype=torch.float32, device=torch.device("cpu"), T=24, H=16, I=8, E=4, k=2)
         out = work.forward()
         work.backward(out)

@@ -137,5 +137,12 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_groups(cases: list[Case], *, rounds: int, warmup: int) -> list[dict]:
-    return [compare(g, rounds=rounds, warmup=warmup, progress=_stderr) for g in group_cases(cases)]
+def run_groups(cases: list[Case], *, rounds: int, warmup: int,
+               on_group: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """:func:`compare` for each group of :func:`group_cases`; ``on_group(done)`` after each (to save)."""
+    done: list[dict] = []
+    for group in group_cases(cases):
+        done.append(compare(group, rounds=rounds, warmup=warmup, progress=_stderr))
+        if on_group is not None:
+            on_group(done)
+    return done

@@ -4,7 +4,11 @@ Backends: ours (``reference``, ``torch``, ``grouped_mm``, ``triton``, ``cuda``) 
 ``grouped_gemm`` / ``megablocks`` (GPU only) through ``moe_mlp``; peers ``hf_eager`` and ``hf_grouped_mm`` (transformers' ``Qwen2MoeExperts`` with
 ``experts_implementation`` "eager" / "grouped_mm", same weights and routing); and ``dense_gemm``: two
 dense matmuls of exactly the op's FLOPs (S = T * k rows through H -> 2I -> H, forward and the two
-backward products each), the "matmul rate" every MoE backend is judged against, measured in the same run.
+backward products each), the "matmul rate" every MoE backend is judged against, measured in the same run;
+and ``grouped_gemm_floor``: the op's six grouped GEMMs alone (``moon_fast.ops.moe_gemm``, the same routing
+and group sizes, nothing else: no gather, SwiGLU, weighting or combine), the floor under any backend whose
+GEMMs are these library calls. ``dense_gemm`` vs ``grouped_gemm_floor`` is what splitting the rows into
+E groups costs the GEMM library; ``grouped_gemm_floor`` vs ``torch`` is what our dispatch around it costs.
 
 FLOPs and bytes: the shared formulas of moon_fast.bench.flops (moe_flops: forward
 2 * T * k * (H * 2I + I * H) = 6 T k H I, backward twice that; moe_bytes: minimum traffic).
@@ -21,7 +25,7 @@ from moon_fast.bench.harness import Case, Workload
 OP = "moe"
 BUILDER = "moon_fast.bench.moe:build"
 OURS = ("reference", "torch", "grouped_mm", "triton", "cuda")
-PEERS = ("hf_eager", "hf_grouped_mm", "grouped_gemm", "megablocks", "dense_gemm")
+PEERS = ("hf_eager", "hf_grouped_mm", "grouped_gemm", "megablocks", "dense_gemm", "grouped_gemm_floor")
 
 
 def flops(t: int, h: int, i: int, k: int) -> tuple[float, float]:
@@ -52,13 +56,13 @@ def cases(quick: bool) -> list[Case]:
         for dtype in ("fp32", "bf16"):
             add(dtype, 512, 256, 256, 8, 2, backends)
         for t in (128, 1024):
-            add("bf16", t, 256, 256, 8, 2, ("torch", "hf_grouped_mm", "dense_gemm"), tag="sweepT:")
+            add("bf16", t, 256, 256, 8, 2, ("torch", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor"), tag="sweepT:")
         for e in (4, 32):
-            add("bf16", 512, 256, 256, e, 2, ("torch", "hf_grouped_mm", "dense_gemm"), tag="sweepE:")
+            add("bf16", 512, 256, 256, e, 2, ("torch", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor"), tag="sweepE:")
         return out
     for dtype in ("fp32", "bf16"):
         add(dtype, 4096, 1024, 1024, 8, 2, backends)
-    sweep = ("torch", "triton", "cuda", "hf_grouped_mm", "dense_gemm")
+    sweep = ("torch", "triton", "cuda", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor")
     for t in (1024, 16384):
         add("bf16", t, 1024, 1024, 8, 2, sweep, tag="sweepT:")
     for e in (4, 32, 64):
@@ -119,6 +123,9 @@ def build(*, backend: str, dtype: torch.dtype, device: torch.device, T: int, H: 
 
         return Workload(forward, backward, fl_f, fl_b, by_f, by_b)
 
+    if backend == "grouped_gemm_floor":
+        return _grouped_gemm_floor(idx, gate_up, down, fl_f, fl_b, by_f, by_b)
+
     leaves = [hidden.requires_grad_(), weight.requires_grad_()]
     if backend.startswith("hf_"):
         mod = hf_experts(gate_up, down, backend[len("hf_"):])
@@ -138,5 +145,30 @@ def build(*, backend: str, dtype: torch.dtype, device: torch.device, T: int, H: 
 
     def backward(out):
         torch.autograd.grad(out, inputs, grad)
+
+    return Workload(forward, backward, fl_f, fl_b, by_f, by_b)
+
+
+def _grouped_gemm_floor(idx, gate_up, down, fl_f, fl_b, by_f, by_b) -> Workload:
+    """The six grouped GEMMs of moe_mlp's forward and backward over ``idx``'s routing, on random
+    operands of the right shapes (S = T * k rows in expert-contiguous order)."""
+    from moon_fast.ops.moe_gemm import gmm, gmm_wgrad
+    from moon_fast.ops.moe_routing import route
+
+    e, two_i, h = gate_up.shape
+    s = idx.numel()
+    routing = route(idx, e)
+    dev, dt = gate_up.device, gate_up.dtype
+    xs, dys = torch.randn(s, h, device=dev, dtype=dt), torch.randn(s, h, device=dev, dtype=dt)
+    act = torch.randn(s, two_i // 2, device=dev, dtype=dt)
+    dgu = torch.randn(s, two_i, device=dev, dtype=dt)
+
+    def forward():
+        gmm(xs, gate_up.transpose(1, 2), routing)  # (S, 2I)
+        return gmm(act, down.transpose(1, 2), routing)  # (S, H)
+
+    def backward(_):
+        gmm_wgrad(dys, act, routing), gmm(dys, down, routing)  # d down (E, H, I), d act (S, I)
+        gmm_wgrad(dgu, xs, routing), gmm(dgu, gate_up, routing)  # d gate_up (E, 2I, H), d xs (S, H)
 
     return Workload(forward, backward, fl_f, fl_b, by_f, by_b)

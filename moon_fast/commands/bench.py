@@ -67,11 +67,14 @@ def run_interleaved(args, cases, warmup: int) -> int:
     if args.backends:  # the order given is the order of the rows and of the ratios (first = baseline)
         order = [b.strip() for b in args.backends.split(",")]
         cases = sorted(cases, key=lambda c: order.index(c.backend))  # stable: groups keep their order
-    groups = interleaved.run_groups(cases, rounds=args.interleave, warmup=warmup)
     machine = harness.machine_info()
     settings = {"command": "moon-fast bench " + " ".join(sys.argv[2:]), "rounds": args.interleave, "warmup": warmup}
-    with open(os.path.join(args.output, "interleaved.json"), "w") as f:
-        json.dump({"machine": machine, "settings": settings, "groups": groups}, f, indent=1)
+
+    def save(groups: list[dict]) -> None:  # after every group: an interrupted run keeps what it measured
+        with open(os.path.join(args.output, "interleaved.json"), "w") as f:
+            json.dump({"machine": machine, "settings": settings, "groups": groups}, f, indent=1)
+
+    groups = interleaved.run_groups(cases, rounds=args.interleave, warmup=warmup, on_group=save)
     table = interleaved.format_table(groups)
     with open(os.path.join(args.output, "interleaved.md"), "w") as f:
         f.write(f"{machine['device']} ({machine['host_cpu']}, {machine['cpu_threads']} threads), torch "

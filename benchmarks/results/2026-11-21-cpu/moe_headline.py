@@ -1,7 +1,10 @@
 """Issue 4 headline: T=4096, H=I=1024, E=8, k=2, fp32 and bf16, forward+backward, one run."""
-import json, sys
+import json
+import sys
 from dataclasses import asdict
-from moon_fast.bench import moe, harness
+
+from moon_fast.bench import harness, moe
+
 cases = [c for c in moe.cases(False) if c.label == "T=4096,E=8" and c.backend in ("torch", "hf_grouped_mm", "hf_eager", "dense_gemm")]
 out = []
 for c in cases:
