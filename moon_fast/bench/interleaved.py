@@ -6,7 +6,7 @@ development machine oneDNN's bf16 GEMM runs one shape at ~1 or at ~0.35 TFLOP/s 
 process (measured: a (1024 x 1024) @ (1024 x 1024) product took 2.2 ms in one process and 6.3 ms in the
 next). A ratio between two separately measured cases carries that noise. Here every round runs each
 backend's forward+backward once, in turn, all in one process, so each per-round ratio compares calls
-made a second apart under the same conditions.
+made a second apart under the same conditions; odd rounds run the backends in reverse order.
 
 Reported per case group (same op, dtype and label): for each backend the median, p20 and p80 of its
 forward+backward time over the rounds; and, against the first backend listed (the baseline), the median
@@ -85,8 +85,11 @@ def compare(cases: list[Case], *, rounds: int, warmup: int = 1, device: torch.de
         return out
     out["baseline"] = next(iter(runs))
     times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs.items())
     for r in range(warmup + rounds):
-        for name, run in runs.items():
+        # Odd rounds run the backends in reverse order, so that no backend always runs right after the
+        # same other one (an allocator or cache state left by the previous call would bias its ratio).
+        for name, run in (order if r % 2 == 0 else order[::-1]):
             synchronize(dev)
             t0 = time.perf_counter()
             run()
