@@ -180,3 +180,21 @@ def test_bench_interleave_cli(tmp_path, capsys):
     assert main(["bench", "--ops", "gemm", "--quick", "--label", "no such", "--interleave", "2",
                  "--output", str(out)]) == 2
     assert "no case matches" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_cli_turns_on_huge_pages_before_torch(preset, expected):
+    """moon_fast.cli sets THP_MEM_ALLOC_ENABLE=1 (unless the user set it) before torch is imported: torch
+    reads it once, at its first allocation."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = ("import sys, moon_fast.cli, os; assert 'torch' not in sys.modules; "
+            "print(os.environ['THP_MEM_ALLOC_ENABLE'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected

@@ -127,7 +127,20 @@ def machine_info() -> dict:
         "transformers": v("transformers"),
         "deepspeed": v("deepspeed"),
         "open_clip": v("open_clip_torch"),
+        # CPU allocation: large temporaries are much cheaper with transparent huge pages (moon_fast/cli.py)
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "thp_mode": _thp_mode(),
     }
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode ("always", "madvise" or "never"), None if unknown."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
 
 
 # ----------------------------------------------------------------------------- measuring

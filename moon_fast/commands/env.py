@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 
@@ -40,6 +41,7 @@ def collect() -> dict:
         "cuda_runtime_available": gpu,
         "gpu": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if gpu else [],
         "cpu_threads": torch.get_num_threads(),
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),  # set by moon_fast/cli.py
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "deepspeed": _version("deepspeed"),
@@ -64,7 +66,8 @@ def run(args) -> int:
     print(f"moon_fast {info['moon_fast']}  python {info['python']}  {info['platform']}")
     print(f"torch {info['torch']} (CUDA build: {info['torch_cuda_build'] or 'no'})  triton {info['triton']}  "
           f"transformers {info['transformers']}  deepspeed {info['deepspeed']}")
-    print(f"GPU: {', '.join(info['gpu']) if info['gpu'] else 'none'}   CPU threads: {info['cpu_threads']}")
+    print(f"GPU: {', '.join(info['gpu']) if info['gpu'] else 'none'}   CPU threads: {info['cpu_threads']}   "
+          f"THP_MEM_ALLOC_ENABLE={info['thp_mem_alloc_enable']}")
     for name, ext in info["extensions"].items():
         state = "built" + (f" (archs {ext['archs']})" if ext.get("archs") else "") if ext["built"] else ext["error"]
         print(f"{name}: {state}")
