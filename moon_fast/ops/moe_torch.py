@@ -11,8 +11,9 @@ Forward, with S = T * k slots in expert-contiguous order (see moe_routing):
 Every step is dense and deterministic (no index_add / atomics). The autograd Function saves the
 pre-activation ``gu``, ``silu(gate)`` (S, I) and the token-ordered ``y`` (needed for the gradient of the
 routing weights); ``xs`` is gathered again and ``h`` recomputed as one product in the backward. Saving
-``silu(gate)`` costs S * I elements and saves recomputing it: a silu over S * I bf16 elements takes
-about as long on the CPU as one of the backward's element-wise products plus the gather it replaces.
+``silu(gate)`` costs S * I elements of memory and saves recomputing it: in bf16 on the 2-core development
+CPU a silu over (8192 x 1024) took about 10 ms in torch.profiler (T=4096, H=I=1024, E=8, k=2), about 2%
+of the op's forward+backward.
 """
 
 from __future__ import annotations
