@@ -131,7 +131,7 @@ def cases(quick: bool) -> list[Case]:
         vl = [(64, 512, 16, 16, 80, False), (64, 1024, 16, 4, 128, True)]
         if quick:
             vl = [(32, 256, 8, 8, 80, False), (32, 512, 8, 2, 128, True)]
-        elif not gpu:  # the block-diagonal-mask SDPA peer costs total^2: ~15 min a call at the GPU size
+        elif not gpu:  # block-diagonal SDPA costs total^2: at the GPU size one round ran > 9 min on 2 cores
             vl = [(32, 512, 8, 8, 80, False), (32, 1024, 8, 2, 128, True)]
         for n_seqs, max_len, heads, kv, d, causal in vl:
             params = dict(n_seqs=n_seqs, max_len=max_len, heads=heads, kv_heads=kv, head_dim=d, causal=causal)
