@@ -47,6 +47,12 @@ class Workload:
     # which the bench command derives samples/s and tokens/s).
     meta: dict = field(default_factory=dict)
 
+    def step(self) -> None:
+        """One forward and, if there is one, its backward."""
+        out = self.forward()
+        if self.backward is not None:
+            self.backward(out)
+
 
 @dataclass
 class Case:
@@ -216,22 +222,27 @@ def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int, re
     return times
 
 
+def not_timed_reason(case: Case, device: torch.device) -> str | None:
+    """Why a case must not be timed here (Triton on the CPU runs in its interpreter), else None."""
+    return "not timed: triton interpreter on CPU" if case.backend == "triton" and device.type == "cpu" else None
+
+
+def build_workload(case: Case, device: torch.device) -> Workload:
+    """Calls the case's builder ``"module:function"`` for its backend, dtype and shape."""
+    mod_name, fn_name = case.builder.split(":")
+    builder = getattr(importlib.import_module(mod_name), fn_name)
+    return builder(backend=case.backend, dtype=DTYPES[case.dtype], device=device, **case.params)
+
+
 def measure(case: Case, *, warmup: int = 1, repeats: int = 5, device: str | None = None) -> list[Result]:
     """Measures one case in this process: peak memory of one forward+backward, then time of
     forward, backward and forward+backward. Run it through :func:`run_case` for clean memory figures."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     base = dict(op=case.op, backend=case.backend, dtype=case.dtype, label=case.label, params=case.params)
-    if case.backend == "triton" and dev.type == "cpu":
-        return [Result(**base, mode=m, status="not timed: triton interpreter on CPU")
-                for m in ("fwd", "bwd", "fwd+bwd")]
-    mod_name, fn_name = case.builder.split(":")
-    builder = getattr(importlib.import_module(mod_name), fn_name)
-    work: Workload = builder(backend=case.backend, dtype=DTYPES[case.dtype], device=dev, **case.params)
-
-    def full():
-        out = work.forward()
-        if work.backward is not None:
-            work.backward(out)
+    if (why := not_timed_reason(case, dev)) is not None:
+        return [Result(**base, mode=m, status=why) for m in ("fwd", "bwd", "fwd+bwd")]
+    work = build_workload(case, dev)
+    full = work.step
 
     # One untimed call first: one-time lazy initialisation (library workspaces, thread pools, autograd
     # engine) is not the workload's memory. Then the peak of one forward+backward above what exists

@@ -16,7 +16,6 @@ case) for peak memory.
 
 from __future__ import annotations
 
-import importlib
 import statistics
 import sys
 import time
@@ -24,22 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from moon_fast.bench.harness import DTYPES, Case, Workload, quantiles, synchronize
-
-
-def _full(work: Workload) -> Callable[[], None]:
-    def run() -> None:
-        out = work.forward()
-        if work.backward is not None:
-            work.backward(out)
-
-    return run
-
-
-def build(case: Case, device: torch.device) -> Workload:
-    mod_name, fn_name = case.builder.split(":")
-    builder = getattr(importlib.import_module(mod_name), fn_name)
-    return builder(backend=case.backend, dtype=DTYPES[case.dtype], device=device, **case.params)
+from moon_fast.bench.harness import Case, build_workload, not_timed_reason, quantiles, synchronize
 
 
 def compare(cases: list[Case], *, rounds: int, warmup: int = 1, device: torch.device | None = None,
@@ -67,12 +51,12 @@ def compare(cases: list[Case], *, rounds: int, warmup: int = 1, device: torch.de
     for case in cases:
         entry: dict = {"status": "ok"}
         out["backends"][case.backend] = entry
-        if case.backend == "triton" and dev.type == "cpu":
-            entry["status"] = "not timed: triton interpreter on CPU"
+        if (why := not_timed_reason(case, dev)) is not None:
+            entry["status"] = why
             continue
         try:
-            work = build(case, dev)
-            _full(work)()  # some builders only fail on the first call; this call is not timed
+            work = build_workload(case, dev)
+            work.step()  # some builders only fail on the first call; this call is not timed
         except Exception as exc:  # noqa: BLE001  recorded, the others still run
             from moon_fast.backends import BackendUnavailable
 
@@ -80,7 +64,7 @@ def compare(cases: list[Case], *, rounds: int, warmup: int = 1, device: torch.de
             entry["status"] = f"{kind}: {type(exc).__name__}: {exc}"[:400]
             continue
         entry["flops"] = work.flops_fwd + work.flops_bwd
-        runs[case.backend] = _full(work)
+        runs[case.backend] = work.step
     if not runs:
         return out
     out["baseline"] = next(iter(runs))

@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run_interleaved(args, cases, warmup: int) -> int:
+def run_interleaved(args, cases, warmup: int, backends: list[str] | None) -> int:
     import json
 
     from moon_fast.bench import harness, interleaved
@@ -64,9 +64,8 @@ def run_interleaved(args, cases, warmup: int) -> int:
         print("error: no case matches --ops/--backends/--dtypes/--label (labels are listed in results.csv "
               "of a normal run)", file=sys.stderr)
         return 2
-    if args.backends:  # the order given is the order of the rows and of the ratios (first = baseline)
-        order = [b.strip() for b in args.backends.split(",")]
-        cases = sorted(cases, key=lambda c: order.index(c.backend))  # stable: groups keep their order
+    if backends:  # the order given is the order of the rows and of the ratios (first = baseline)
+        cases = sorted(cases, key=lambda c: backends.index(c.backend))  # stable: groups keep their order
     machine = harness.machine_info()
     settings = {"command": "moon-fast bench " + " ".join(sys.argv[2:]), "rounds": args.interleave, "warmup": warmup}
 
@@ -124,7 +123,7 @@ def run(args) -> int:
         cases = [c for c in cases if c.label in args.label]
     os.makedirs(args.output, exist_ok=True)
     if args.interleave is not None:
-        return run_interleaved(args, cases, warmup)
+        return run_interleaved(args, cases, warmup, split(args.backends))
     shared = args.process_per_case == "no" or (args.process_per_case == "auto" and (args.quick or args.tiny) and not gpu)
 
     machine = harness.machine_info()
