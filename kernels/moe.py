@@ -79,20 +79,26 @@ def tile_schedule(routing: Routing, block_m: int) -> tuple[torch.Tensor, torch.T
 
 # ----------------------------------------------------------------------------- kernels
 
+@triton.jit
+def _row_tile(tile_expert_ptr, tile_row_ptr, ends_ptr, BM: tl.constexpr):
+    """This program's row tile of the schedule (tile_schedule): expert e (int64; -1 for a surplus tile),
+    rows (BM,) in expert-contiguous order and their mask (rows past the expert's last row are off)."""
+    tile = tl.program_id(0)
+    e = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    row_end = tl.load(ends_ptr + tl.maximum(e, 0))
+    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BM)
+    return e, rows, rows < row_end
+
+
 # x (T, H) rows gathered by token (S,); w (E, 2I, H) gate rows first -> h (S, I), gu (S, 2I)
 @triton.jit
 def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
                       H, INTER, stride_xm, stride_we, stride_wn,
                       STORE_GU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    tile = tl.program_id(0)
-    e = tl.load(tile_expert_ptr + tile)
-    if e < 0:
+    e, rows, rmask = _row_tile(tile_expert_ptr, tile_row_ptr, ends_ptr, BM)
+    if e < 0:  # a surplus tile of the schedule's upper bound
         return
-    e = e.to(tl.int64)
-    row_end = tl.load(ends_ptr + e)
-    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BM)
-    rmask = rows < row_end
     tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     cmask = cols < INTER
@@ -132,14 +138,9 @@ def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
                          A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, C_SCATTER: tl.constexpr,
                          SWIGLU_BWD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    tile = tl.program_id(0)
-    e = tl.load(tile_expert_ptr + tile)
-    if e < 0:
+    e, rows, rmask = _row_tile(tile_expert_ptr, tile_row_ptr, ends_ptr, BM)
+    if e < 0:  # a surplus tile of the schedule's upper bound
         return
-    e = e.to(tl.int64)
-    row_end = tl.load(ends_ptr + e)
-    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BM)
-    rmask = rows < row_end
     if A_GATHER:
         a_rows = tl.load(a_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
     else:
