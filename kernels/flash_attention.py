@@ -54,6 +54,14 @@ POISON_OUTPUTS = False
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
+def _sequence(CU_Q, CU_K, b):
+    """Sequence b of the packed batch: (first query row, query length, first key row, key length)."""
+    q_start = tl.load(CU_Q + b)
+    k_start = tl.load(CU_K + b)
+    return q_start, tl.load(CU_Q + b + 1) - q_start, k_start, tl.load(CU_K + b + 1) - k_start
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_n, offs_d, d_ok, len_k,
                diag, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -102,10 +110,7 @@ def _fwd_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     hk = h // GROUP
-    q_start = tl.load(CU_Q + b)
-    len_q = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    len_k = tl.load(CU_K + b + 1) - k_start
+    q_start, len_q, k_start, len_k = _sequence(CU_Q, CU_K, b)
     if pid_m * BLOCK_M >= len_q:
         return
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -213,10 +218,7 @@ def _bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
-    q_start = tl.load(CU_Q + b)
-    len_q = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    len_k = tl.load(CU_K + b + 1) - k_start
+    q_start, len_q, k_start, len_k = _sequence(CU_Q, CU_K, b)
     if pid_n * BLOCK_N >= len_k:
         return
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -314,10 +316,7 @@ def _bwd_dq_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     hk = h // GROUP
-    q_start = tl.load(CU_Q + b)
-    len_q = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    len_k = tl.load(CU_K + b + 1) - k_start
+    q_start, len_q, k_start, len_k = _sequence(CU_Q, CU_K, b)
     if pid_m * BLOCK_M >= len_q:
         return
     qk_scale = tl.cast(qk_scale, tl.float32)
