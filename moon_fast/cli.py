@@ -15,7 +15,8 @@ import sys
 # Transparent huge pages for PyTorch's CPU allocations of 2 MiB and more. PyTorch reads this once, at its
 # first allocation, so it is set here, before anything imports torch (THP_MEM_ALLOC_ENABLE=0 turns it
 # off). Without it every large CPU temporary costs one page fault per 4 KiB on first touch: a gather into
-# a fresh (8192 x 1024) fp32 tensor measured 31 ms without and 9 ms with it on the development machine.
+# a fresh (8192 x 1024) fp32 tensor took 20 ms without and 10 ms with it on the development machine
+# (python benchmarks/cpu_probes.py thp-gather).
 # No effect on CUDA memory, or where the kernel's THP mode is "never".
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 

@@ -1,10 +1,9 @@
 """Interleaved comparison: the backends of one case timed in turn, round after round, in one process.
 
 Why: :func:`moon_fast.bench.harness.run_case` measures each backend in its own process, minutes apart.
-On a shared or small machine the speed of the same call drifts between processes; on the 2-vCPU
-development machine oneDNN's bf16 GEMM runs one shape at ~1 or at ~0.35 TFLOP/s depending on the
-process (measured: a (1024 x 1024) @ (1024 x 1024) product took 2.2 ms in one process and 6.3 ms in the
-next). A ratio between two separately measured cases carries that noise. Here every round runs each
+On a shared or small machine the speed of the same call drifts between processes: on the 2-vCPU
+development machine the median of one (1024 x 1024) @ (1024 x 1024) bf16 product ranged from 6.3 to
+8.6 ms over six fresh processes (``python benchmarks/cpu_probes.py gemm-drift --processes 6``). A ratio between two separately measured cases carries that noise. Here every round runs each
 backend's forward+backward once, in turn, all in one process, so each per-round ratio compares calls
 made a second apart under the same conditions; odd rounds run the backends in reverse order.
 
