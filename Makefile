@@ -23,10 +23,10 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)" numpy ninja
-	MOON_FAST_SKIP_CUDA_BUILD=1 MOON_FAST_SKIP_EMU_BUILD=1 $(PIP) install -q --no-build-isolation -e '.[dev]'
+	MOON_FAST_SKIP_CUDA_BUILD=1 MOON_FAST_SKIP_EMU_BUILD=1 MOON_FAST_SKIP_CPU_BUILD=1 $(PIP) install -q --no-build-isolation -e '.[dev]'
 	touch $@
 
-# Builds (incrementally) moon_fast._C with nvcc and moon_fast._C_emu with the host compiler, in place.
+# Builds (incrementally) moon_fast._C with nvcc, moon_fast._C_emu and moon_fast._C_cpu with the host compiler, in place.
 # flock: several shells may ask at once.
 build: venv
 	flock .build.lock $(PY) setup.py -q build_ext --inplace

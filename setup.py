@@ -4,10 +4,13 @@
   toolkit is found; otherwise the package installs without it and says why.
 * ``moon_fast._C_emu``: the same kernel sources compiled by the host compiler against the CUDA
   execution-model emulator (csrc/mf_cuda.cuh, -DMF_EMULATE), so their logic runs on the CPU in tests.
+* ``moon_fast._C_cpu``: native CPU kernels (csrc/cpu/), multithreaded with torch's OpenMP runtime; the
+  ``cpu`` backend of moe_mlp.
 
 Environment knobs:
   MOON_FAST_SKIP_CUDA_BUILD=1   do not build moon_fast._C
   MOON_FAST_SKIP_EMU_BUILD=1    do not build moon_fast._C_emu
+  MOON_FAST_SKIP_CPU_BUILD=1    do not build moon_fast._C_cpu
   TORCH_CUDA_ARCH_LIST          target architectures (default "8.0;9.0": A100, H100/H200)
   CUDA_HOME                     toolkit root (default: /usr/local/cuda if present, else nvcc's parent)
   MAX_JOBS                      parallel compile jobs (ninja)
@@ -75,8 +78,8 @@ def emu_wrappers() -> list[str]:
 
 
 def extensions():
-    if os.environ.get("MOON_FAST_SKIP_CUDA_BUILD") == "1" and os.environ.get("MOON_FAST_SKIP_EMU_BUILD") == "1":
-        log("both extensions skipped by environment")
+    if all(os.environ.get(f"MOON_FAST_SKIP_{kind}_BUILD") == "1" for kind in ("CUDA", "EMU", "CPU")):
+        log("all extensions skipped by environment")
         return [], {}
     cuda_home = find_cuda_home()
     if cuda_home:
@@ -102,6 +105,16 @@ def extensions():
                 extra_compile_args={"cxx": ["-O2", "-std=c++20", "-pthread"]},
                 extra_link_args=["-pthread"],
                 depends=HEADERS + KERNEL_SOURCES,
+            )
+        )
+    if os.environ.get("MOON_FAST_SKIP_CPU_BUILD") != "1":
+        # -fopenmp: at::parallel_for is inline OpenMP; the extension then shares the libgomp that torch loaded.
+        exts.append(
+            CppExtension(
+                "moon_fast._C_cpu",
+                sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu").glob("*.cpp")),
+                extra_compile_args={"cxx": ["-O3", "-std=c++20", "-fopenmp"]},
+                extra_link_args=["-fopenmp"],
             )
         )
 

@@ -2,13 +2,13 @@
 
     python benchmarks/cpu_probes.py gemm-drift [--processes 4]   # one bf16 GEMM, timed in fresh processes
     python benchmarks/cpu_probes.py thp-gather                   # a large gather with / without huge pages
-    python benchmarks/cpu_probes.py moe-profile [--dtype bf16]   # torch.profiler table of moe_mlp "torch"
+    python benchmarks/cpu_probes.py moe-profile [--dtype bf16] [--backend torch]   # torch.profiler table of moe_mlp
 
 * gemm-drift: the median time of a (1024 x 1024) @ (1024 x 1024) bf16 matmul in each of several fresh
   processes. Why ``moon-fast bench --interleave`` exists: the same call differs between processes.
 * thp-gather: a gather into a fresh (8192 x 1024) fp32 tensor in a process with THP_MEM_ALLOC_ENABLE=0 and
   one with 1 (why ``moon-fast`` sets it).
-* moe-profile: per-op CPU time of two forward+backward steps of ``moe_mlp(backend="torch")`` at the
+* moe-profile: per-op CPU time of two forward+backward steps of ``moe_mlp`` (``--backend`` torch or cpu) at the
   benchmark's headline shape (T=4096, H=I=1024, E=8, k=2).
 """
 
@@ -55,20 +55,20 @@ def thp_gather() -> None:
               f"{_child(_GATHER, THP_MEM_ALLOC_ENABLE=flag)} ms")
 
 
-def moe_profile(dtype: str) -> None:
+def moe_profile(dtype: str, backend: str) -> None:
     import torch
     from torch.profiler import profile
 
     from moon_fast.bench import moe
     from moon_fast.bench.harness import DTYPES
 
-    work = moe.build(backend="torch", dtype=DTYPES[dtype], device=torch.device("cpu"), T=4096, H=1024, I=1024,
+    work = moe.build(backend=backend, dtype=DTYPES[dtype], device=torch.device("cpu"), T=4096, H=1024, I=1024,
                      E=8, k=2)
     work.step()
     with profile() as prof:
         work.step()
         work.step()
-    print(f"moe_mlp torch {dtype}, two forward+backward steps:")
+    print(f"moe_mlp {backend} {dtype}, two forward+backward steps:")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
@@ -77,14 +77,16 @@ def main() -> None:
     sub = parser.add_subparsers(dest="probe", required=True)
     sub.add_parser("gemm-drift").add_argument("--processes", type=int, default=4)
     sub.add_parser("thp-gather")
-    sub.add_parser("moe-profile").add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
+    profile_args = sub.add_parser("moe-profile")
+    profile_args.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
+    profile_args.add_argument("--backend", default="torch", choices=("torch", "cpu"))
     args = parser.parse_args()
     if args.probe == "gemm-drift":
         gemm_drift(args.processes)
     elif args.probe == "thp-gather":
         thp_gather()
     else:
-        moe_profile(args.dtype)
+        moe_profile(args.dtype, args.backend)
 
 
 if __name__ == "__main__":

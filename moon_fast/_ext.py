@@ -1,7 +1,8 @@
 """Loads the compiled extensions and says why one is missing.
 
 ``moon_fast._C`` holds the CUDA kernels (ops under ``torch.ops.moon_fast_cuda``);
-``moon_fast._C_emu`` holds the same kernels compiled for the CPU emulator (``torch.ops.moon_fast_emu``).
+``moon_fast._C_emu`` holds the same kernels compiled for the CPU emulator (``torch.ops.moon_fast_emu``);
+``moon_fast._C_cpu`` holds native CPU kernels (``torch.ops.moon_fast_cpu``).
 A missing extension never breaks ``import moon_fast``: the backends that need it report the reason.
 """
 
@@ -32,6 +33,18 @@ def cuda_ext_error() -> str | None:
 
 def emu_ext_error() -> str | None:
     return _load("moon_fast._C_emu")[1]
+
+
+def cpu_ext_error() -> str | None:
+    return _load("moon_fast._C_cpu")[1]
+
+
+def cpu_ops():
+    """``torch.ops.moon_fast_cpu``: the native CPU kernels (csrc/cpu/)."""
+    mod, err = _load("moon_fast._C_cpu")
+    if err:
+        raise RuntimeError(err)
+    return torch.ops.moon_fast_cpu
 
 
 def cuda_ops():

@@ -9,6 +9,7 @@ Implementations register under a name:
 * ``cuda``: our csrc kernels in ``moon_fast._C``.
 * ``cuda_emu``: the same csrc kernels compiled for the CPU emulator (``moon_fast._C_emu``); tests only,
   never chosen by ``auto``.
+* ``cpu``: native multithreaded CPU kernels in ``moon_fast._C_cpu`` (csrc/cpu/).
 * peers: ``sdpa``, ``flash_attn``, ``grouped_mm``, ``megablocks``, ... where they exist.
 
 ``backend="auto"`` takes the first available name of the op's preference list for the device of the
@@ -75,6 +76,17 @@ def cuda_emu_unavailable(device: torch.device) -> str | None:
         return reason
     if _device_type(device) != "cpu":
         return "cuda_emu runs the csrc kernels under the CPU emulator: it takes CPU tensors only"
+    return None
+
+
+def cpu_ext_unavailable(device: torch.device) -> str | None:
+    from moon_fast import _ext
+
+    reason = _ext.cpu_ext_error()
+    if reason:
+        return reason
+    if _device_type(device) != "cpu":
+        return f"the cpu backend runs native CPU kernels: it takes CPU tensors, got {_device_type(device)} tensors"
     return None
 
 

@@ -25,7 +25,7 @@ CASES = [
     ("duplicate_choices", 11, 16, 12, 3, 2, "duplicates"),
     ("many_rows_per_expert", 40, 16, 12, 2, 2, "random"),  # several row tiles per expert
 ]
-FAST_BACKENDS = ["torch", "grouped_mm", "triton", "cuda_emu"]
+FAST_BACKENDS = ["torch", "cpu", "grouped_mm", "triton", "cuda_emu"]
 
 
 def make_inputs(t, h, i, e, k, routing, dtype, *, seed=0):
@@ -152,7 +152,7 @@ HF_CASES = [c for c in CASES if c[0] in ("basic", "odd_shapes", "empty_expert", 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", HF_CASES, ids=[c[0] for c in HF_CASES])
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton", "cuda_emu"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "triton", "cuda_emu"])
 def test_backend_matches_transformers_eager(backend, case, dtype):
     _skip_unavailable(backend)
     _, t, h, i, e, k, routing = case
@@ -194,10 +194,18 @@ def test_csrc_routing_matches_torch(t, k, e, routing):
     assert torch.equal(got.inv_perm, want.inv_perm)
 
 
+def _kernels(name):
+    """The csrc kernel set behind backend ``name``: csrc/moe.cu under the emulator, or csrc/cpu/."""
+    from moon_fast.ops.moe_cuda import CPU_KERNELS, CSRC_KERNELS
+
+    _skip_unavailable(name)
+    return {"cuda_emu": CSRC_KERNELS, "cpu": CPU_KERNELS}[name]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_csrc_permute_unpermute_match_torch(dtype):
-    _skip_unavailable("cuda_emu")
-    from moon_fast.ops.moe_cuda import permute, unpermute, unpermute_weight_grad
+@pytest.mark.parametrize("kernels", ["cuda_emu", "cpu"])
+def test_csrc_permute_unpermute_match_torch(kernels, dtype):
+    ops = _kernels(kernels)
     from moon_fast.ops.moe_routing import route
 
     t, k, e, h = 23, 3, 5, 37
@@ -207,21 +215,78 @@ def test_csrc_permute_unpermute_match_torch(dtype):
     w = torch.rand(t, k).to(dtype)
     y = torch.randn(t * k, h).to(dtype)
     dout = torch.randn(t, h).to(dtype)
-    assert torch.equal(permute(x, r.token), x[r.token])
-    scaled = permute(x, r.token, w.reshape(-1), r.perm)
+    assert torch.equal(ops.permute(x, r.token), x[r.token])
+    scaled = ops.permute(x, r.token, w.reshape(-1), r.perm)
     assert_close(scaled, (x.float()[r.token] * w.reshape(-1).float()[r.perm, None]).to(dtype), **tolerance(dtype),
                  name="scaled permute")
     y_tok = y.float()[r.inv_perm].view(t, k, h)
-    assert_close(unpermute(y, r.inv_perm, w, k), (w.float()[:, :, None] * y_tok).sum(1).to(dtype),
+    assert_close(ops.unpermute(y, r.inv_perm, w, k), (w.float()[:, :, None] * y_tok).sum(1).to(dtype),
                  **tolerance(dtype), name="weighted unpermute")
-    assert_close(unpermute(y, r.inv_perm, None, k), y_tok.sum(1).to(dtype), **tolerance(dtype), name="unpermute")
-    assert_close(unpermute_weight_grad(dout, y, r.inv_perm, k), (y_tok * dout.float()[:, None]).sum(-1).to(dtype),
+    assert_close(ops.unpermute(y, r.inv_perm, None, k), y_tok.sum(1).to(dtype), **tolerance(dtype), name="unpermute")
+    assert_close(ops.unpermute_weight_grad(dout, y, r.inv_perm, k), (y_tok * dout.float()[:, None]).sum(-1).to(dtype),
                  **tolerance(dtype, scale=2), name="weight grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, inter", [(1, 1), (37, 13), (64, 40), (5, 300)], ids=["one", "odd", "vector", "long_row"])
+@pytest.mark.parametrize("kernels", ["cuda_emu", "cpu"])
+def test_swiglu_kernels_match_autograd(kernels, rows, inter, dtype):
+    """SwiGLU and its backward (native on the cpu kernel set) against torch autograd in fp32, with gates
+    far into both tails (the exp polynomial's clamps) and lengths that are not a multiple of the vector width."""
+    ops = _kernels(kernels)
+    gen = torch.Generator().manual_seed(rows * 1000 + inter)
+    gu = (torch.randn(rows, 2 * inter, generator=gen) * 4).to(dtype)
+    gu[0, 0] = -120.0  # exp(-gate) overflows fp32 without the clamp
+    if inter > 1:
+        gu[0, 1] = 95.0
+    dh = torch.randn(rows, inter, generator=gen).to(dtype)
+    gate = gu[:, :inter].float().requires_grad_()
+    up = gu[:, inter:].float().requires_grad_()
+    h32 = torch.nn.functional.silu(gate) * up
+    h32.backward(dh.float())
+    tol = tolerance(dtype, scale=2)
+    assert_close(ops.swiglu(gu), h32.detach().to(dtype), **tol, name="h")
+    dgu, h = ops.swiglu_backward(dh.clone(), gu)  # the native kernel writes h over its dh argument
+    assert_close(h, h32.detach().to(dtype), **tol, name="recomputed h")
+    assert_close(dgu[:, :inter], gate.grad.to(dtype), **tol, name="d gate")
+    assert_close(dgu[:, inter:], up.grad.to(dtype), **tol, name="d up")
+
+
+def test_cpu_kernels_independent_of_thread_count():
+    """Each output row is written by one thread in a fixed order: 1 and 2 threads give identical bits."""
+    _skip_unavailable("cpu")
+    tensors, idx, grad_out = make_inputs(200, 64, 48, 6, 2, "random", torch.float32, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run("cpu", tensors, idx, grad_out, torch.bfloat16)
+        torch.set_num_threads(2)
+        two = run("cpu", tensors, idx, grad_out, torch.bfloat16)
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(NAMES, one, two):
+        assert torch.equal(a, b), f"{name} depends on the thread count"
+
+
+def test_cpu_kernels_reject_bad_arguments():
+    _skip_unavailable("cpu")
+    from moon_fast._ext import cpu_ops
+
+    ops = cpu_ops()
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match=r"row_idx has values outside \[0, 4\)"):
+        ops.moe_permute(x, torch.tensor([0, 4]), None, None, torch.empty(2, 8))
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        ops.moe_swiglu(torch.randn(8, 4).t(), torch.empty(4, 4))
+    with pytest.raises(RuntimeError, match=r"gu must be \(S, 2I\)"):
+        ops.moe_swiglu(torch.randn(4, 6), torch.empty(4, 4))
+    with pytest.raises(RuntimeError, match="out is BFloat16, expected Float"):
+        ops.moe_unpermute(x, torch.arange(4), None, 1, torch.empty(4, 8, dtype=torch.bfloat16))
 
 
 # ----------------------------------------------------------------------------- properties
 
-@pytest.mark.parametrize("backend", ["torch", "cuda_emu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda_emu"])
 def test_deterministic(backend):
     _skip_unavailable(backend)
     tensors, idx, grad_out = make_inputs(33, 16, 12, 4, 2, "random", torch.float32, seed=5)
@@ -231,7 +296,7 @@ def test_deterministic(backend):
         assert torch.equal(x, y), f"{name} differs between two identical calls"
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda_emu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda_emu"])
 def test_frozen_weights_and_int32_indices(backend):
     """Only the gradients asked for are computed; int32 ids and fp32 routing weights on bf16 work."""
     _skip_unavailable(backend)
@@ -293,8 +358,13 @@ def test_triton_tile_schedule_covers_every_row_once(t, k, e, block_m):
     assert torch.equal(owner, idx.reshape(-1)[r.perm]), "rows not covered by their expert's tiles"
 
 
-def test_auto_backend_on_cpu_is_torch(monkeypatch):
+def test_auto_backend_on_cpu_is_cpu_then_torch(monkeypatch):
+    """auto takes the native CPU kernels, and plain torch where moon_fast._C_cpu is not built."""
+    from moon_fast import _ext
+
     monkeypatch.delenv("MOON_FAST_MOE_MLP_BACKEND", raising=False)
+    assert BACKENDS.resolve("auto", "cpu").name == "cpu"
+    monkeypatch.setattr(_ext, "cpu_ext_error", lambda: "moon_fast._C_cpu is not built")
     assert BACKENDS.resolve("auto", "cpu").name == "torch"
 
 

@@ -1,6 +1,6 @@
 """Benchmark cases of ``moe_mlp`` (forward + backward) and its peers, for ``moon-fast bench``.
 
-Backends: ours (``reference``, ``torch``, ``grouped_mm``, ``triton``, ``cuda``) and the library peers
+Backends: ours (``reference``, ``torch``, ``cpu``, ``grouped_mm``, ``triton``, ``cuda``) and the library peers
 ``grouped_gemm`` / ``megablocks`` (GPU only) through ``moe_mlp``; peers ``hf_eager`` and ``hf_grouped_mm`` (transformers' ``Qwen2MoeExperts`` with
 ``experts_implementation`` "eager" / "grouped_mm", same weights and routing); and ``dense_gemm``: two
 dense matmuls of exactly the op's FLOPs (S = T * k rows through H -> 2I -> H, forward and the two
@@ -24,7 +24,7 @@ from moon_fast.bench.harness import Case, Workload
 
 OP = "moe"
 BUILDER = "moon_fast.bench.moe:build"
-OURS = ("reference", "torch", "grouped_mm", "triton", "cuda")
+OURS = ("reference", "torch", "cpu", "grouped_mm", "triton", "cuda")
 PEERS = ("hf_eager", "hf_grouped_mm", "grouped_gemm", "megablocks", "dense_gemm", "grouped_gemm_floor")
 
 
@@ -56,13 +56,15 @@ def cases(quick: bool) -> list[Case]:
         for dtype in ("fp32", "bf16"):
             add(dtype, 512, 256, 256, 8, 2, backends)
         for t in (128, 1024):
-            add("bf16", t, 256, 256, 8, 2, ("torch", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor"), tag="sweepT:")
+            add("bf16", t, 256, 256, 8, 2, ("torch", "cpu", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor"),
+                tag="sweepT:")
         for e in (4, 32):
-            add("bf16", 512, 256, 256, e, 2, ("torch", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor"), tag="sweepE:")
+            add("bf16", 512, 256, 256, e, 2, ("torch", "cpu", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor"),
+                tag="sweepE:")
         return out
     for dtype in ("fp32", "bf16"):
         add(dtype, 4096, 1024, 1024, 8, 2, backends)
-    sweep = ("torch", "triton", "cuda", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor")
+    sweep = ("torch", "cpu", "triton", "cuda", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor")
     for t in (1024, 16384):
         add("bf16", t, 1024, 1024, 8, 2, sweep, tag="sweepT:")
     for e in (4, 32, 64):

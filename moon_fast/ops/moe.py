@@ -16,6 +16,9 @@ Backends (see :mod:`moon_fast.backends` for ``auto``):
   gather / weighted scatter fused into the GEMM loads / stores (kernels/moe.py).
 * ``cuda`` / ``cuda_emu``: csrc/moe.cu routing metadata (histogram, scan, stable permutation), permute
   and weighted-unpermute kernels; GEMMs through grouped_mm / cuBLAS (moe_cuda.py).
+* ``cpu``: the dataflow of ``cuda`` with native multithreaded CPU kernels (csrc/cpu/moe_cpu.cpp) for the
+  gather, SwiGLU and its backward, the weighted unpermute and its weight gradient (one pass over memory
+  each, fp32 arithmetic); GEMMs through grouped_mm (oneDNN). The default on the CPU.
 * ``grouped_gemm``, ``megablocks``: peers on those packages (CUDA only; moe_peers.py).
 
 Gradients flow to hidden, expert_weight, gate_up_proj and down_proj (not to expert_idx).
@@ -27,6 +30,7 @@ import torch
 
 from moon_fast.backends import (
     autocast_inputs,
+    cpu_ext_unavailable,
     cuda_emu_unavailable,
     cuda_ext_unavailable,
     op_backends,
@@ -34,7 +38,7 @@ from moon_fast.backends import (
     triton_unavailable,
 )
 
-BACKENDS = op_backends("moe_mlp", {"cuda": ("triton", "cuda", "grouped_mm", "torch"), "cpu": ("torch",)})
+BACKENDS = op_backends("moe_mlp", {"cuda": ("triton", "cuda", "grouped_mm", "torch"), "cpu": ("cpu", "torch")})
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_SLOTS = 2**31 - 1  # grouped_mm offsets and the csrc kernels index slots with int32
@@ -112,7 +116,7 @@ def moe_mlp(hidden, expert_idx, expert_weight, gate_up_proj, down_proj, *, backe
     """Dropless MoE MLP. hidden (T, H); expert_idx (T, k) long in [0, E); expert_weight (T, k) floating
     (cast to hidden's dtype); gate_up_proj (E, 2I, H), gate rows first; down_proj (E, H, I); all on one
     device, weights in hidden's dtype. Returns (T, H) in hidden's dtype. ``backend``: "auto",
-    "reference", "torch", "grouped_mm", "triton", "cuda", "cuda_emu"."""
+    "reference", "torch", "cpu", "grouped_mm", "triton", "cuda", "cuda_emu"."""
     # Inside torch.autocast the op behaves like a matmul: everything in the autocast dtype.
     hidden, expert_weight, gate_up_proj, down_proj = autocast_inputs(
         hidden.device, hidden, expert_weight, gate_up_proj, down_proj, policy="lower_precision")
@@ -199,6 +203,14 @@ def _cuda_emu(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
     from moon_fast.ops.moe_cuda import moe_mlp_cuda
 
     return moe_mlp_cuda(hidden, expert_idx, expert_weight, gate_up_proj, down_proj)
+
+
+@BACKENDS.register("cpu", unavailable=cpu_ext_unavailable,
+                   description="native CPU kernels for gather/SwiGLU/unpermute + grouped_mm (oneDNN) GEMMs")
+def _cpu(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
+    from moon_fast.ops.moe_cuda import moe_mlp_cpu
+
+    return moe_mlp_cpu(hidden, expert_idx, expert_weight, gate_up_proj, down_proj)
 
 
 @BACKENDS.register("grouped_gemm", unavailable=package_unavailable("grouped_gemm", "pip install grouped_gemm (needs a CUDA "

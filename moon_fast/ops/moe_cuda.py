@@ -1,10 +1,22 @@
-"""The ``cuda`` / ``cuda_emu`` backends of ``moe_mlp``: csrc/moe.cu kernels for the routing metadata
-(histogram, scan, stable permutation), the gather of token rows (with the routing-weight scale in the
-backward), the weighted unpermute and its weight gradient; the GEMMs through grouped_mm / cuBLAS
-(moe_gemm.gmm). On CPU tensors the same kernels run under the emulator (``cuda_emu``, tests only).
+"""The csrc backends of ``moe_mlp``: ``cuda`` / ``cuda_emu`` (csrc/moe.cu) and ``cpu`` (csrc/cpu/moe_cpu.cpp).
+
+One dataflow (``MoeMlpCsrc``), two kernel sets (``Kernels``):
+
+* ``cuda`` / ``cuda_emu``: csrc/moe.cu kernels for the routing metadata (histogram, scan, stable
+  permutation), the gather of token rows (with the routing-weight scale in the backward), the weighted
+  unpermute and its weight gradient; SwiGLU in torch ops. On CPU tensors the same kernels run under the
+  emulator (``cuda_emu``, tests only).
+* ``cpu``: the same three data-movement ops plus the SwiGLU and its backward as native multithreaded CPU
+  kernels (moon_fast._C_cpu), one pass over memory each; routing by moe_routing.route (a sort: cheap on
+  the CPU).
+
+The GEMMs are grouped_mm / cuBLAS / oneDNN in both (moe_gemm.gmm).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from moon_fast import _ext
 from moon_fast.ops.moe_gemm import gmm, gmm_wgrad
-from moon_fast.ops.moe_routing import Routing
+from moon_fast.ops.moe_routing import Routing, route
 from moon_fast.ops.moe_torch import swiglu_backward
 
 ROUTING_CHUNK = 256  # slots per block of the routing kernels (kChunk in csrc/moe.cu)
@@ -46,70 +58,115 @@ def csrc_route(expert_idx: torch.Tensor, num_experts: int) -> Routing:
     return Routing(perm=perm, token=token, inv_perm=inv_perm, offsets=offsets, num_experts=num_experts, top_k=k)
 
 
-def permute(x: torch.Tensor, row_idx: torch.Tensor, scale=None, scale_idx=None) -> torch.Tensor:
-    """out[i] = scale[scale_idx[i]] * x[row_idx[i]] (no scale: a plain row gather)."""
-    out = _empty((row_idx.numel(), x.shape[1]), x)
-    ops_for(x.device).moe_permute(x, row_idx, scale, scale_idx, out)
-    return out
+@dataclass(frozen=True)
+class Kernels:
+    """The non-GEMM steps of the csrc dataflow. ``ops(device)`` gives the op namespace with moe_permute,
+    moe_unpermute and moe_unpermute_weight_grad; ``native_swiglu``: it also has moe_swiglu and
+    moe_swiglu_backward_ (else SwiGLU runs as torch ops). ``save_gathered``: keep the gathered input rows
+    (S, H) for the backward rather than gathering them again (S * H more saved memory, one pass less)."""
+
+    ops: Callable[[torch.device], object]
+    route: Callable[[torch.Tensor, int], Routing]
+    native_swiglu: bool
+    save_gathered: bool = False
+
+    def permute(self, x: torch.Tensor, row_idx: torch.Tensor, scale=None, scale_idx=None) -> torch.Tensor:
+        """out[i] = scale[scale_idx[i]] * x[row_idx[i]] (no scale: a plain row gather)."""
+        out = _empty((row_idx.numel(), x.shape[1]), x)
+        self.ops(x.device).moe_permute(x, row_idx, scale, scale_idx, out)
+        return out
+
+    def unpermute(self, y: torch.Tensor, inv_perm: torch.Tensor, weight, top_k: int) -> torch.Tensor:
+        """y (S, H) sorted -> (T, H): out[t] = sum_j weight[t, j] * y[inv_perm[t * k + j]] (weight None = 1)."""
+        out = _empty((inv_perm.numel() // top_k, y.shape[1]), y)
+        self.ops(y.device).moe_unpermute(y, inv_perm, weight, top_k, out)
+        return out
+
+    def unpermute_weight_grad(self, dout: torch.Tensor, y: torch.Tensor, inv_perm: torch.Tensor,
+                              top_k: int) -> torch.Tensor:
+        """(T, k): dw[t, j] = <dout[t], y[inv_perm[t * k + j]]>."""
+        dw = _empty((dout.shape[0], top_k), dout)
+        self.ops(dout.device).moe_unpermute_weight_grad(dout, y, inv_perm, top_k, dw)
+        return dw
+
+    def swiglu(self, gu: torch.Tensor) -> torch.Tensor:
+        """gu (S, 2I) -> h (S, I) = silu(gate) * up."""
+        inter = gu.shape[1] // 2
+        if not self.native_swiglu:
+            return F.silu(gu[:, :inter]) * gu[:, inter:]
+        h = _empty((gu.shape[0], inter), gu)
+        self.ops(gu.device).moe_swiglu(gu, h)
+        return h
+
+    def swiglu_backward(self, dh: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dh (S, I), gu (S, 2I) -> (d gu (S, 2I), h (S, I)): the gradient and the recomputed activation.
+        Consumes dh: the native kernel writes h into its memory."""
+        if not self.native_swiglu:
+            return swiglu_backward(dh, gu), self.swiglu(gu)
+        dgu = _empty(gu.shape, gu)
+        self.ops(gu.device).moe_swiglu_backward_(dh, gu, dgu)
+        return dgu, dh
 
 
-def unpermute(y: torch.Tensor, inv_perm: torch.Tensor, weight, top_k: int) -> torch.Tensor:
-    """y (S, H) sorted -> (T, H): out[t] = sum_j weight[t, j] * y[inv_perm[t * k + j]] (weight None = 1)."""
-    out = _empty((inv_perm.numel() // top_k, y.shape[1]), y)
-    ops_for(y.device).moe_unpermute(y, inv_perm, weight, top_k, out)
-    return out
+def cpu_ops(device: torch.device):
+    if device.type != "cpu":
+        raise RuntimeError(f"the cpu backend of moe_mlp takes CPU tensors, got {device}")
+    return _ext.cpu_ops()
 
 
-def unpermute_weight_grad(dout: torch.Tensor, y: torch.Tensor, inv_perm: torch.Tensor, top_k: int) -> torch.Tensor:
-    """(T, k): dw[t, j] = <dout[t], y[inv_perm[t * k + j]]>."""
-    dw = _empty((dout.shape[0], top_k), dout)
-    ops_for(dout.device).moe_unpermute_weight_grad(dout, y, inv_perm, top_k, dw)
-    return dw
+CSRC_KERNELS = Kernels(ops=ops_for, route=csrc_route, native_swiglu=False)
+# On the CPU a gather into fresh memory costs several ms (page faults on first touch): keep xs.
+CPU_KERNELS = Kernels(ops=cpu_ops, route=route, native_swiglu=True, save_gathered=True)
 
 
-class MoeMlpCuda(torch.autograd.Function):
+class MoeMlpCsrc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
+    def forward(ctx, kernels: Kernels, hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
         k = expert_idx.shape[1]
-        routing = csrc_route(expert_idx, gate_up_proj.shape[0])
-        inter = down_proj.shape[2]
-        xs = permute(hidden, routing.token)
+        routing = kernels.route(expert_idx, gate_up_proj.shape[0])
+        xs = kernels.permute(hidden, routing.token)
         gu = gmm(xs, gate_up_proj.transpose(1, 2), routing)
-        del xs
-        h = F.silu(gu[:, :inter]) * gu[:, inter:]
-        y = gmm(h, down_proj.transpose(1, 2), routing)  # (S, H), sorted order
-        out = unpermute(y, routing.inv_perm, expert_weight, k)
-        ctx.save_for_backward(hidden, expert_weight, gate_up_proj, down_proj, gu, y,
+        if not kernels.save_gathered:
+            xs = None
+        y = gmm(kernels.swiglu(gu), down_proj.transpose(1, 2), routing)  # (S, H), sorted order
+        out = kernels.unpermute(y, routing.inv_perm, expert_weight, k)
+        ctx.save_for_backward(hidden, xs, expert_weight, gate_up_proj, down_proj, gu, y,
                               routing.perm, routing.token, routing.inv_perm, routing.offsets)
         ctx.routing_bounds = routing._bounds
+        ctx.kernels = kernels
         return out
 
     @staticmethod
     @once_differentiable  # no double backward: fail loudly rather than give wrong 2nd-order grads
     def backward(ctx, dout):
-        hidden, expert_weight, gate_up_proj, down_proj, gu, y, perm, token, inv_perm, offsets = ctx.saved_tensors
+        hidden, xs, expert_weight, gate_up_proj, down_proj, gu, y, perm, token, inv_perm, offsets = ctx.saved_tensors
+        kernels = ctx.kernels
         k = expert_weight.shape[1]
         routing = Routing(perm, token, inv_perm, offsets, gate_up_proj.shape[0], k, ctx.routing_bounds)
-        need_x, _, need_w, need_gu, need_down = ctx.needs_input_grad
+        _, need_x, _, need_w, need_gu, need_down = ctx.needs_input_grad
         dout = dout.contiguous()
         d_hidden = d_weight = d_gate_up = d_down = None
         if need_w:
-            d_weight = unpermute_weight_grad(dout, y, inv_perm, k)
+            d_weight = kernels.unpermute_weight_grad(dout, y, inv_perm, k)
         if not (need_x or need_gu or need_down):
-            return d_hidden, None, d_weight, d_gate_up, d_down
-        dys = permute(dout, token, expert_weight.reshape(-1), perm)  # w[slot] * dout[token], sorted
-        inter = down_proj.shape[2]
+            return None, d_hidden, None, d_weight, d_gate_up, d_down
+        dys = kernels.permute(dout, token, expert_weight.reshape(-1), perm)  # w[slot] * dout[token], sorted
+        dgu, h = kernels.swiglu_backward(gmm(dys, down_proj, routing), gu)
         if need_down:
-            d_down = gmm_wgrad(dys, F.silu(gu[:, :inter]) * gu[:, inter:], routing)
-        dgu = swiglu_backward(gmm(dys, down_proj, routing), gu)
-        del dys
+            d_down = gmm_wgrad(dys, h, routing)
+        del dys, h
         if need_gu:
-            d_gate_up = gmm_wgrad(dgu, permute(hidden, token), routing)
+            d_gate_up = gmm_wgrad(dgu, xs if xs is not None else kernels.permute(hidden, token), routing)
         if need_x:
-            d_hidden = unpermute(gmm(dgu, gate_up_proj, routing), inv_perm, None, k)
-        return d_hidden, None, d_weight, d_gate_up, d_down
+            d_hidden = kernels.unpermute(gmm(dgu, gate_up_proj, routing), inv_perm, None, k)
+        return None, d_hidden, None, d_weight, d_gate_up, d_down
 
 
 def moe_mlp_cuda(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
-    """See moon_fast.ops.moe.moe_mlp (inputs already checked and contiguous)."""
-    return MoeMlpCuda.apply(hidden, expert_idx, expert_weight, gate_up_proj, down_proj)
+    """``cuda`` / ``cuda_emu``. See moon_fast.ops.moe.moe_mlp (inputs already checked and contiguous)."""
+    return MoeMlpCsrc.apply(CSRC_KERNELS, hidden, expert_idx, expert_weight, gate_up_proj, down_proj)
+
+
+def moe_mlp_cpu(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
+    """``cpu``: native CPU kernels for everything but the GEMMs. Inputs already checked and contiguous."""
+    return MoeMlpCsrc.apply(CPU_KERNELS, hidden, expert_idx, expert_weight, gate_up_proj, down_proj)
