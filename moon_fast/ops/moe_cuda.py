@@ -70,14 +70,20 @@ class Kernels:
     native_swiglu: bool
     save_gathered: bool = False
 
+    # The kernels take contiguous rows; a GEMM library may hand back another layout (grouped_mm's CPU
+    # path does for some shapes), so every tensor that comes out of a GEMM goes through .contiguous()
+    # (free when it already is).
+
     def permute(self, x: torch.Tensor, row_idx: torch.Tensor, scale=None, scale_idx=None) -> torch.Tensor:
         """out[i] = scale[scale_idx[i]] * x[row_idx[i]] (no scale: a plain row gather)."""
+        x = x.contiguous()
         out = _empty((row_idx.numel(), x.shape[1]), x)
         self.ops(x.device).moe_permute(x, row_idx, scale, scale_idx, out)
         return out
 
     def unpermute(self, y: torch.Tensor, inv_perm: torch.Tensor, weight, top_k: int) -> torch.Tensor:
         """y (S, H) sorted -> (T, H): out[t] = sum_j weight[t, j] * y[inv_perm[t * k + j]] (weight None = 1)."""
+        y = y.contiguous()
         out = _empty((inv_perm.numel() // top_k, y.shape[1]), y)
         self.ops(y.device).moe_unpermute(y, inv_perm, weight, top_k, out)
         return out
@@ -85,6 +91,7 @@ class Kernels:
     def unpermute_weight_grad(self, dout: torch.Tensor, y: torch.Tensor, inv_perm: torch.Tensor,
                               top_k: int) -> torch.Tensor:
         """(T, k): dw[t, j] = <dout[t], y[inv_perm[t * k + j]]>."""
+        y = y.contiguous()
         dw = _empty((dout.shape[0], top_k), dout)
         self.ops(dout.device).moe_unpermute_weight_grad(dout, y, inv_perm, top_k, dw)
         return dw
@@ -94,6 +101,7 @@ class Kernels:
         inter = gu.shape[1] // 2
         if not self.native_swiglu:
             return F.silu(gu[:, :inter]) * gu[:, inter:]
+        gu = gu.contiguous()
         h = _empty((gu.shape[0], inter), gu)
         self.ops(gu.device).moe_swiglu(gu, h)
         return h
@@ -103,6 +111,7 @@ class Kernels:
         Consumes dh: the native kernel writes h into its memory."""
         if not self.native_swiglu:
             return swiglu_backward(dh, gu), self.swiglu(gu)
+        dh, gu = dh.contiguous(), gu.contiguous()
         dgu = _empty(gu.shape, gu)
         self.ops(gu.device).moe_swiglu_backward_(dh, gu, dgu)
         return dgu, dh
