@@ -70,9 +70,9 @@ class Kernels:
     native_swiglu: bool
     save_gathered: bool = False
 
-    # The kernels take contiguous rows; a GEMM library may hand back another layout (grouped_mm's CPU
-    # path does for some shapes), so every tensor that comes out of a GEMM goes through .contiguous()
-    # (free when it already is).
+    # The kernels take contiguous rows. grouped_mm pads its output rows to a multiple of 16 bytes (a
+    # (10, 6) fp32 result has row stride 8), so a GEMM output of an unaligned width goes through
+    # .contiguous(): a copy at such widths only, free otherwise.
 
     def permute(self, x: torch.Tensor, row_idx: torch.Tensor, scale=None, scale_idx=None) -> torch.Tensor:
         """out[i] = scale[scale_idx[i]] * x[row_idx[i]] (no scale: a plain row gather)."""
@@ -110,7 +110,9 @@ class Kernels:
         """dh (S, I), gu (S, 2I) -> (d gu (S, 2I), h (S, I)): the gradient and the recomputed activation.
         Consumes dh: the native kernel writes h into its memory."""
         if not self.native_swiglu:
-            return swiglu_backward(dh, gu), self.swiglu(gu)
+            inter = gu.shape[1] // 2
+            silu_gate = F.silu(gu[:, :inter])  # once, for both the gradient and h
+            return swiglu_backward(dh, gu, silu_gate), silu_gate * gu[:, inter:]
         dh, gu = dh.contiguous(), gu.contiguous()
         dgu = _empty(gu.shape, gu)
         self.ops(gu.device).moe_swiglu_backward_(dh, gu, dgu)
