@@ -268,6 +268,89 @@ def test_cpu_kernels_independent_of_thread_count():
         assert torch.equal(a, b), f"{name} depends on the thread count"
 
 
+# Grouped GEMM cases: (rows per expert, K, N). "split" puts 600 rows on one expert, so the row tasks and the
+# weight gradient's output-row tasks are cut into several chunks; odd sizes test bf16's pairs along K.
+GEMM_CASES = {
+    "odd": ([13, 0, 7, 21], 37, 19),
+    "one_row": ([1], 5, 3),
+    "split": ([0, 600, 3], 70, 33),
+    "empty": ([0, 0], 8, 4),
+}
+
+
+def _grouped_operands(counts, k, n, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    s, e = sum(counts), len(counts)
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    a = torch.randn(s, k, generator=gen).to(dtype)
+    # b as the op passes the forward weights: a transposed view of (E, N, K)
+    b = torch.randn(e, n, k, generator=gen).to(dtype).transpose(1, 2)
+    g = torch.randn(s, n, generator=gen).to(dtype)
+    bounds = [0, *offsets.tolist()]
+    return a, b, g, offsets, bounds
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+def test_cpu_grouped_gemms_match_matmuls(case, dtype):
+    """csrc/cpu/grouped_gemm_cpu.cpp against per-expert fp32 matmuls of the same inputs, on NaN-poisoned outputs."""
+    _skip_unavailable("cpu")
+    from moon_fast._ext import cpu_ops
+
+    ops = cpu_ops()
+    counts, k, n = GEMM_CASES[case]
+    a, b, g, offsets, bounds = _grouped_operands(counts, k, n, dtype)
+    out = poison_(torch.empty(a.shape[0], n, dtype=dtype))
+    ops.moe_grouped_mm(a, b, offsets, out)
+    want = torch.cat([a[lo:hi].float() @ b[e].float() for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
+    assert_close(out, want.to(dtype), **tolerance(dtype, scale=2), name="grouped mm")
+
+    dw = poison_(torch.empty(len(counts), k, n, dtype=dtype))
+    ops.moe_grouped_mm_wgrad(a, g, offsets, dw)
+    want_w = torch.stack([a[lo:hi].float().t() @ g[lo:hi].float() for lo, hi in zip(bounds, bounds[1:])])
+    assert_close(dw, want_w.to(dtype), **tolerance(dtype, scale=2), name="grouped weight grad")
+
+
+def test_cpu_grouped_gemms_independent_of_thread_count():
+    """The task cut depends on the thread count (about four tasks per thread); the results must not."""
+    _skip_unavailable("cpu")
+    from moon_fast._ext import cpu_ops
+
+    ops = cpu_ops()
+    a, b, g, offsets, _ = _grouped_operands(*GEMM_CASES["split"], torch.bfloat16)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            out, dw = torch.empty(a.shape[0], b.shape[2], dtype=a.dtype), torch.empty(3, a.shape[1], g.shape[1], dtype=a.dtype)
+            ops.moe_grouped_mm(a, b, offsets, out)
+            ops.moe_grouped_mm_wgrad(a, g, offsets, dw)
+            results.append((out, dw))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_cpu_grouped_gemms_reject_bad_arguments():
+    _skip_unavailable("cpu")
+    from moon_fast._ext import cpu_ops
+
+    ops = cpu_ops()
+    a, b, g = torch.randn(6, 4), torch.randn(2, 4, 3), torch.randn(6, 3)
+    out, dw = torch.empty(6, 3), torch.empty(2, 4, 3)
+    with pytest.raises(RuntimeError, match="offsets must be a 1-D int32"):
+        ops.moe_grouped_mm(a, b, torch.tensor([2, 6]), out)
+    with pytest.raises(RuntimeError, match=r"offsets\[-1\] = 5 must equal the row count 6"):
+        ops.moe_grouped_mm(a, b, torch.tensor([2, 5], dtype=torch.int32), out)
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        ops.moe_grouped_mm_wgrad(a, g, torch.tensor([4, 2], dtype=torch.int32), dw)
+    with pytest.raises(RuntimeError, match=r"b \(E, K, N\)"):
+        ops.moe_grouped_mm(a, torch.randn(2, 5, 3), torch.tensor([2, 6], dtype=torch.int32), out)
+    with pytest.raises(RuntimeError, match="must share a dtype"):
+        ops.moe_grouped_mm_wgrad(a, g.double(), torch.tensor([2, 6], dtype=torch.int32), dw)
+
+
 def test_cpu_kernels_reject_bad_arguments():
     _skip_unavailable("cpu")
     from moon_fast._ext import cpu_ops
@@ -420,13 +503,14 @@ def test_bench_cases_and_builders_run_tiny():
         cases = bench.cases(quick)
         assert cases and all(c.op == "moe" and c.builder == bench.BUILDER for c in cases)
     outs = {}
-    for backend in ("reference", "torch", "grouped_mm", "hf_eager", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor"):
+    for backend in ("reference", "torch", "cpu", "grouped_mm", "hf_eager", "hf_grouped_mm", "dense_gemm", "dense_gemm_rowmajor",
+                    "grouped_gemm_floor", "cpu_gemm_floor"):
         work = bench.build(backend=backend, dtype=torch.float32, device=torch.device("cpu"), T=24, H=16, I=8, E=4, k=2)
         out = work.forward()
         work.backward(out)
         assert work.flops_fwd == 6 * 24 * 2 * 16 * 8 and work.flops_bwd == 2 * work.flops_fwd
         outs[backend] = out.detach()
-    for backend in ("torch", "grouped_mm", "hf_eager", "hf_grouped_mm"):
+    for backend in ("torch", "cpu", "grouped_mm", "hf_eager", "hf_grouped_mm"):
         assert_close(outs[backend], outs["reference"], **tolerance(torch.float32, scale=3), name=backend)
 
 

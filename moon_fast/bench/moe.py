@@ -5,10 +5,13 @@ Backends: ours (``reference``, ``torch``, ``cpu``, ``grouped_mm``, ``triton``, `
 ``experts_implementation`` "eager" / "grouped_mm", same weights and routing); and ``dense_gemm``: two
 dense matmuls of exactly the op's FLOPs (S = T * k rows through H -> 2I -> H, forward and the two
 backward products each), the "matmul rate" every MoE backend is judged against, measured in the same run;
-and ``grouped_gemm_floor``: the op's six grouped GEMMs alone (``moon_fast.ops.moe_gemm``, the same routing
-and group sizes, nothing else: no gather, SwiGLU, weighting or combine), the floor under any backend whose
-GEMMs are these library calls. ``dense_gemm`` vs ``grouped_gemm_floor`` is what splitting the rows into
-E groups costs the GEMM library; ``grouped_gemm_floor`` vs ``torch`` is what our dispatch around it costs.
+``dense_gemm_rowmajor``: the same six products with every operand row-major (the weight gradients' A
+copied transposed outside the timing), the fastest layout of the GEMM library, i.e. the strictest "matmul
+rate"; ``grouped_gemm_floor``: the op's six grouped GEMMs alone as the ``torch`` backend runs them
+(``moon_fast.ops.moe_gemm``: grouped_mm), and ``cpu_gemm_floor``: the same as the ``cpu`` backend runs them
+(csrc/cpu/grouped_gemm_cpu.cpp); each with the same routing and group sizes and nothing else (no gather,
+SwiGLU, weighting or combine). ``dense_gemm`` vs a floor is what splitting the rows into E groups costs
+(or saves); a floor vs its backend is what the dispatch around the GEMMs costs.
 
 FLOPs and bytes: the shared formulas of moon_fast.bench.flops (moe_flops: forward
 2 * T * k * (H * 2I + I * H) = 6 T k H I, backward twice that; moe_bytes: minimum traffic).
@@ -25,7 +28,8 @@ from moon_fast.bench.harness import Case, Workload
 OP = "moe"
 BUILDER = "moon_fast.bench.moe:build"
 OURS = ("reference", "torch", "cpu", "grouped_mm", "triton", "cuda")
-PEERS = ("hf_eager", "hf_grouped_mm", "grouped_gemm", "megablocks", "dense_gemm", "grouped_gemm_floor")
+PEERS = ("hf_eager", "hf_grouped_mm", "grouped_gemm", "megablocks", "dense_gemm", "dense_gemm_rowmajor",
+         "grouped_gemm_floor", "cpu_gemm_floor")
 
 
 def flops(t: int, h: int, i: int, k: int) -> tuple[float, float]:
@@ -56,15 +60,15 @@ def cases(quick: bool) -> list[Case]:
         for dtype in ("fp32", "bf16"):
             add(dtype, 512, 256, 256, 8, 2, backends)
         for t in (128, 1024):
-            add("bf16", t, 256, 256, 8, 2, ("torch", "cpu", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor"),
+            add("bf16", t, 256, 256, 8, 2, ("torch", "cpu", "hf_grouped_mm", "dense_gemm", "cpu_gemm_floor"),
                 tag="sweepT:")
         for e in (4, 32):
-            add("bf16", 512, 256, 256, e, 2, ("torch", "cpu", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor"),
+            add("bf16", 512, 256, 256, e, 2, ("torch", "cpu", "hf_grouped_mm", "dense_gemm", "cpu_gemm_floor"),
                 tag="sweepE:")
         return out
     for dtype in ("fp32", "bf16"):
         add(dtype, 4096, 1024, 1024, 8, 2, backends)
-    sweep = ("torch", "cpu", "triton", "cuda", "hf_grouped_mm", "dense_gemm", "grouped_gemm_floor")
+    sweep = ("torch", "cpu", "triton", "cuda", "hf_grouped_mm", "dense_gemm", "cpu_gemm_floor")
     for t in (1024, 16384):
         add("bf16", t, 1024, 1024, 8, 2, sweep, tag="sweepT:")
     for e in (4, 32, 64):
@@ -125,8 +129,32 @@ def build(*, backend: str, dtype: torch.dtype, device: torch.device, T: int, H: 
 
         return Workload(forward, backward, fl_f, fl_b, by_f, by_b)
 
-    if backend == "grouped_gemm_floor":
-        return _grouped_gemm_floor(idx, gate_up, down, fl_f, fl_b, by_f, by_b)
+    if backend == "dense_gemm_rowmajor":
+        s = T * k
+        x, d2 = torch.randn(s, H, dtype=dtype, device=device), torch.randn(s, H, dtype=dtype, device=device)
+        a1, d1 = torch.randn(s, I, dtype=dtype, device=device), torch.randn(s, 2 * I, dtype=dtype, device=device)
+        w1, w1t = torch.randn(H, 2 * I, dtype=dtype, device=device), torch.randn(2 * I, H, dtype=dtype, device=device)
+        w2, w2t = torch.randn(I, H, dtype=dtype, device=device), torch.randn(H, I, dtype=dtype, device=device)
+        a1t, xt = a1.t().contiguous(), x.t().contiguous()
+
+        def forward():
+            x @ w1  # noqa: B018
+            return a1 @ w2
+
+        def backward(_):
+            d2 @ w2t, a1t @ d2, d1 @ w1t, xt @ d1  # noqa: B018  dX2, dW2^T, dX1, dW1^T: all row-major
+
+        return Workload(forward, backward, fl_f, fl_b, by_f, by_b)
+
+    if backend in ("grouped_gemm_floor", "cpu_gemm_floor"):
+        if backend == "grouped_gemm_floor":
+            from moon_fast.ops.moe_gemm import gmm, gmm_wgrad
+        else:
+            from moon_fast.ops.moe_cuda import CPU_KERNELS, cpu_ops
+
+            cpu_ops(device)  # raises where the cpu kernels are not built or the device is not the CPU
+            gmm, gmm_wgrad = CPU_KERNELS.gmm, CPU_KERNELS.gmm_wgrad
+        return _grouped_gemm_floor(idx, gate_up, down, gmm, gmm_wgrad, fl_f, fl_b, by_f, by_b)
 
     leaves = [hidden.requires_grad_(), weight.requires_grad_()]
     if backend.startswith("hf_"):
@@ -151,10 +179,10 @@ def build(*, backend: str, dtype: torch.dtype, device: torch.device, T: int, H: 
     return Workload(forward, backward, fl_f, fl_b, by_f, by_b)
 
 
-def _grouped_gemm_floor(idx, gate_up, down, fl_f, fl_b, by_f, by_b) -> Workload:
+def _grouped_gemm_floor(idx, gate_up, down, gmm, gmm_wgrad, fl_f, fl_b, by_f, by_b) -> Workload:
     """The six grouped GEMMs of moe_mlp's forward and backward over ``idx``'s routing, on random
-    operands of the right shapes (S = T * k rows in expert-contiguous order)."""
-    from moon_fast.ops.moe_gemm import gmm, gmm_wgrad
+    operands of the right shapes (S = T * k rows in expert-contiguous order), by ``gmm`` (a (S, K),
+    b (E, K, N), routing -> (S, N)) and ``gmm_wgrad`` (a (S, M), b (S, N), routing -> (E, M, N))."""
     from moon_fast.ops.moe_routing import route
 
     e, two_i, h = gate_up.shape

@@ -7,10 +7,11 @@ One dataflow (``MoeMlpCsrc``), two kernel sets (``Kernels``):
   unpermute and its weight gradient; SwiGLU in torch ops. On CPU tensors the same kernels run under the
   emulator (``cuda_emu``, tests only).
 * ``cpu``: the same three data-movement ops plus the SwiGLU and its backward as native multithreaded CPU
-  kernels (moon_fast._C_cpu), one pass over memory each; routing by moe_routing.route (a sort: cheap on
-  the CPU).
+  kernels (moon_fast._C_cpu, csrc/cpu/moe_cpu.cpp), one pass over memory each; the grouped GEMMs as
+  single-threaded oneDNN / MKL calls on independent (expert, row chunk) tasks spread over the threads
+  (csrc/cpu/grouped_gemm_cpu.cpp, which says why); routing by moe_routing.route (a sort: cheap on the CPU).
 
-The GEMMs are grouped_mm / cuBLAS / oneDNN in both (moe_gemm.gmm).
+The GEMMs of ``cuda`` / ``cuda_emu`` are grouped_mm / cuBLAS (moe_gemm.gmm).
 """
 
 from __future__ import annotations
@@ -62,12 +63,14 @@ def csrc_route(expert_idx: torch.Tensor, num_experts: int) -> Routing:
 class Kernels:
     """The non-GEMM steps of the csrc dataflow. ``ops(device)`` gives the op namespace with moe_permute,
     moe_unpermute and moe_unpermute_weight_grad; ``native_swiglu``: it also has moe_swiglu and
-    moe_swiglu_backward_ (else SwiGLU runs as torch ops). ``save_gathered``: keep the gathered input rows
-    (S, H) for the backward rather than gathering them again (S * H more saved memory, one pass less)."""
+    moe_swiglu_backward_ (else SwiGLU runs as torch ops); ``native_gemm``: it has moe_grouped_mm and
+    moe_grouped_mm_wgrad (else moe_gemm's grouped_mm / matmul loop). ``save_gathered``: keep the gathered
+    input rows (S, H) for the backward rather than gathering them again (S * H more saved memory, one pass less)."""
 
     ops: Callable[[torch.device], object]
     route: Callable[[torch.Tensor, int], Routing]
     native_swiglu: bool
+    native_gemm: bool = False
     save_gathered: bool = False
 
     # The kernels take contiguous rows. grouped_mm pads its output rows to a multiple of 16 bytes (a
@@ -95,6 +98,24 @@ class Kernels:
         dw = _empty((dout.shape[0], top_k), dout)
         self.ops(dout.device).moe_unpermute_weight_grad(dout, y, inv_perm, top_k, dw)
         return dw
+
+    def gmm(self, a: torch.Tensor, b: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """a (S, K) in expert-contiguous order, b (E, K, N) (any strides) -> (S, N); see moe_gemm.gmm."""
+        if not self.native_gemm:
+            return gmm(a, b, routing)
+        a = a.contiguous()
+        out = _empty((a.shape[0], b.shape[2]), a)
+        self.ops(a.device).moe_grouped_mm(a, b, routing.offsets, out)
+        return out
+
+    def gmm_wgrad(self, a: torch.Tensor, b: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """a (S, M), b (S, N) in expert-contiguous order -> (E, M, N); see moe_gemm.gmm_wgrad."""
+        if not self.native_gemm:
+            return gmm_wgrad(a, b, routing)
+        a, b = a.contiguous(), b.contiguous()
+        out = _empty((routing.num_experts, a.shape[1], b.shape[1]), a)
+        self.ops(a.device).moe_grouped_mm_wgrad(a, b, routing.offsets, out)
+        return out
 
     def swiglu(self, gu: torch.Tensor) -> torch.Tensor:
         """gu (S, 2I) -> h (S, I) = silu(gate) * up."""
@@ -127,7 +148,7 @@ def cpu_ops(device: torch.device):
 
 CSRC_KERNELS = Kernels(ops=ops_for, route=csrc_route, native_swiglu=False)
 # On the CPU a gather into fresh memory costs several ms (page faults on first touch): keep xs.
-CPU_KERNELS = Kernels(ops=cpu_ops, route=route, native_swiglu=True, save_gathered=True)
+CPU_KERNELS = Kernels(ops=cpu_ops, route=route, native_swiglu=True, native_gemm=True, save_gathered=True)
 
 
 class MoeMlpCsrc(torch.autograd.Function):
@@ -136,10 +157,10 @@ class MoeMlpCsrc(torch.autograd.Function):
         k = expert_idx.shape[1]
         routing = kernels.route(expert_idx, gate_up_proj.shape[0])
         xs = kernels.permute(hidden, routing.token)
-        gu = gmm(xs, gate_up_proj.transpose(1, 2), routing)
+        gu = kernels.gmm(xs, gate_up_proj.transpose(1, 2), routing)
         if not kernels.save_gathered:
             xs = None
-        y = gmm(kernels.swiglu(gu), down_proj.transpose(1, 2), routing)  # (S, H), sorted order
+        y = kernels.gmm(kernels.swiglu(gu), down_proj.transpose(1, 2), routing)  # (S, H), sorted order
         out = kernels.unpermute(y, routing.inv_perm, expert_weight, k)
         ctx.save_for_backward(hidden, xs, expert_weight, gate_up_proj, down_proj, gu, y,
                               routing.perm, routing.token, routing.inv_perm, routing.offsets)
@@ -162,14 +183,14 @@ class MoeMlpCsrc(torch.autograd.Function):
         if not (need_x or need_gu or need_down):
             return None, d_hidden, None, d_weight, d_gate_up, d_down
         dys = kernels.permute(dout, token, expert_weight.reshape(-1), perm)  # w[slot] * dout[token], sorted
-        dgu, h = kernels.swiglu_backward(gmm(dys, down_proj, routing), gu)
+        dgu, h = kernels.swiglu_backward(kernels.gmm(dys, down_proj, routing), gu)
         if need_down:
-            d_down = gmm_wgrad(dys, h, routing)
+            d_down = kernels.gmm_wgrad(dys, h, routing)
         del dys, h
         if need_gu:
-            d_gate_up = gmm_wgrad(dgu, xs if xs is not None else kernels.permute(hidden, token), routing)
+            d_gate_up = kernels.gmm_wgrad(dgu, xs if xs is not None else kernels.permute(hidden, token), routing)
         if need_x:
-            d_hidden = kernels.unpermute(gmm(dgu, gate_up_proj, routing), inv_perm, None, k)
+            d_hidden = kernels.unpermute(kernels.gmm(dgu, gate_up_proj, routing), inv_perm, None, k)
         return None, d_hidden, None, d_weight, d_gate_up, d_down
 
 
