@@ -16,8 +16,8 @@ The GEMMs of ``cuda`` / ``cuda_emu`` are grouped_mm / cuBLAS (moe_gemm.gmm).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
