@@ -3,11 +3,16 @@
     python benchmarks/cpu_probes.py gemm-drift [--processes 4]   # one bf16 GEMM, timed in fresh processes
     python benchmarks/cpu_probes.py thp-gather                   # a large gather with / without huge pages
     python benchmarks/cpu_probes.py moe-profile [--dtype bf16] [--backend torch]   # torch.profiler table of moe_mlp
+    python benchmarks/cpu_probes.py gemm-layouts [--dtype bf16]  # GEMM shapes / layouts / thread counts of the MoE
 
 * gemm-drift: the median time of a (1024 x 1024) @ (1024 x 1024) bf16 matmul in each of several fresh
   processes. Why ``moon-fast bench --interleave`` exists: the same call differs between processes.
 * thp-gather: a gather into a fresh (8192 x 1024) fp32 tensor in a process with THP_MEM_ALLOC_ENABLE=0 and
   one with 1 (why ``moon-fast`` sets it).
+* gemm-layouts: why the ``cpu`` backend runs its own grouped GEMMs (csrc/cpu/grouped_gemm_cpu.cpp): the
+  median time of one expert's share of the headline case's GEMMs on 1 and on all threads, of a twice
+  taller one, of the weight gradient with A transposed against row-major, and of the blocked transposed
+  copy the ``cpu`` backend makes instead (one process, calls interleaved, 15 rounds).
 * moe-profile: per-op CPU time of two forward+backward steps of ``moe_mlp`` (``--backend`` torch or cpu) at the
   benchmark's headline shape (T=4096, H=I=1024, E=8, k=2).
 """
@@ -72,6 +77,54 @@ def moe_profile(dtype: str, backend: str) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+def gemm_layouts(dtype: str) -> None:
+    import statistics
+    import time
+
+    import torch
+
+    from moon_fast._ext import cpu_ops
+    from moon_fast.bench.harness import DTYPES
+
+    dt = DTYPES[dtype]
+    threads = torch.get_num_threads()
+    a, a2, b = torch.randn(1024, 1024, dtype=dt), torch.randn(2048, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
+    dgu, xs = torch.randn(1024, 2048, dtype=dt), torch.randn(1024, 1024, dtype=dt)  # one expert's rows
+    dgu_t = dgu.t().contiguous()
+    one = torch.tensor([1024], dtype=torch.int32)
+    out = torch.empty(1, 2048, 1024, dtype=dt)
+
+    def single_thread(fn):
+        def run():
+            torch.set_num_threads(1)
+            try:
+                fn()
+            finally:
+                torch.set_num_threads(threads)
+        return run
+
+    cases = {
+        f"(1024 x 1024) @ (1024 x 1024), {threads} threads": lambda: a @ b,
+        "(1024 x 1024) @ (1024 x 1024), 1 thread": single_thread(lambda: a @ b),
+        f"(2048 x 1024) @ (1024 x 1024), {threads} threads": lambda: a2 @ b,
+        f"weight grad dgu^T @ xs (2048 x 1024 x 1024), A transposed view, {threads} threads": lambda: dgu.t() @ xs,
+        f"weight grad dgu^T @ xs, A row-major (copy made beforehand), {threads} threads": lambda: dgu_t @ xs,
+        "weight grad dgu^T @ xs, A transposed view, 1 thread": single_thread(lambda: dgu.t() @ xs),
+        "torch transposed copy of dgu (1024 x 2048), .t().contiguous()": lambda: dgu.t().contiguous(),
+        "cpu backend weight grad (blocked transposed copy + GEMM, one task)": single_thread(
+            lambda: cpu_ops().moe_grouped_mm_wgrad(dgu, xs, one, out)),
+    }
+    times = {name: [] for name in cases}
+    for _ in range(15):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    print(f"{dtype} GEMMs of one expert's share (T=4096, H=I=1024, E=8, k=2), median of 15 interleaved calls:")
+    for name, ts in times.items():
+        print(f"  {statistics.median(ts) * 1e3:7.2f} ms  {name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="probe", required=True)
@@ -80,11 +133,14 @@ def main() -> None:
     profile_args = sub.add_parser("moe-profile")
     profile_args.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
     profile_args.add_argument("--backend", default="torch", choices=("torch", "cpu"))
+    sub.add_parser("gemm-layouts").add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
     args = parser.parse_args()
     if args.probe == "gemm-drift":
         gemm_drift(args.processes)
     elif args.probe == "thp-gather":
         thp_gather()
+    elif args.probe == "gemm-layouts":
+        gemm_layouts(args.dtype)
     else:
         moe_profile(args.dtype, args.backend)
 

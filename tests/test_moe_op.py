@@ -514,7 +514,7 @@ def test_bench_cases_and_builders_run_tiny():
         assert_close(outs[backend], outs["reference"], **tolerance(torch.float32, scale=3), name=backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
 def test_inside_autocast_runs_in_autocast_dtype_with_grads(backend):
     """fp32 inputs and weights inside torch.autocast(bf16): the op runs in bf16 like a matmul, and
     gradients flow back to the fp32 leaves (the model trains this way)."""

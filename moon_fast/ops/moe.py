@@ -18,7 +18,9 @@ Backends (see :mod:`moon_fast.backends` for ``auto``):
   and weighted-unpermute kernels; GEMMs through grouped_mm / cuBLAS (moe_cuda.py).
 * ``cpu``: the dataflow of ``cuda`` with native multithreaded CPU kernels (csrc/cpu/moe_cpu.cpp) for the
   gather, SwiGLU and its backward, the weighted unpermute and its weight gradient (one pass over memory
-  each, fp32 arithmetic); GEMMs through grouped_mm (oneDNN). The default on the CPU.
+  each, fp32 arithmetic), and its own grouped GEMMs (csrc/cpu/grouped_gemm_cpu.cpp: single-threaded
+  oneDNN / MKL calls on (expert, row chunk) tasks spread over the threads; the weight gradients from a
+  transposed copy of A, which oneDNN's bf16 GEMM runs faster). The default on the CPU.
 * ``grouped_gemm``, ``megablocks``: peers on those packages (CUDA only; moe_peers.py).
 
 Gradients flow to hidden, expert_weight, gate_up_proj and down_proj (not to expert_idx).
@@ -206,7 +208,7 @@ def _cuda_emu(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
 
 
 @BACKENDS.register("cpu", unavailable=cpu_ext_unavailable,
-                   description="native CPU kernels for gather/SwiGLU/unpermute + grouped_mm (oneDNN) GEMMs")
+                   description="native CPU kernels: gather/SwiGLU/unpermute and task-parallel grouped GEMMs (oneDNN/MKL)")
 def _cpu(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
     from moon_fast.ops.moe_cuda import moe_mlp_cpu
 
