@@ -111,7 +111,7 @@ def gemm_layouts(dtype: str) -> None:
         f"weight grad dgu^T @ xs, A row-major (copy made beforehand), {threads} threads": lambda: dgu_t @ xs,
         "weight grad dgu^T @ xs, A transposed view, 1 thread": single_thread(lambda: dgu.t() @ xs),
         "torch transposed copy of dgu (1024 x 2048), .t().contiguous()": lambda: dgu.t().contiguous(),
-        "cpu backend weight grad (blocked transposed copy + GEMM, one task)": single_thread(
+        "cpu backend weight grad, 1 thread (bf16: transposed copy of A + GEMM; fp32: GEMM on the view)": single_thread(
             lambda: cpu_ops().moe_grouped_mm_wgrad(dgu, xs, one, out)),
     }
     times = {name: [] for name in cases}

@@ -14,9 +14,11 @@
 //    (2048 x 1024) @ (1024 x 1024) takes the same time and runs at twice the rate);
 //  * the weight gradient reads A transposed (column-major), and oneDNN's bf16 GEMM runs that layout at about
 //    0.6x the rate of a row-major A.
+// (`python benchmarks/cpu_probes.py gemm-layouts` measures both.)
 // Here the work is cut into independent tasks, each one single-threaded GEMM call (inside a parallel region
 // oneDNN and MKL run on the calling thread): a chunk of an expert's rows; for the weight gradient a chunk of
-// an expert's output rows, whose block of A the task first copies transposed into a scratch buffer. Threads
+// an expert's output rows, whose block of A the task first copies transposed into a per-thread scratch
+// buffer in fp16 / bf16 (fp32 goes to MKL, which reads a transposed A at nearly full speed). Threads
 // take tasks largest first from a shared counter, so uneven experts balance. Each output element is computed
 // by one task, so no reduction crosses tasks.
 #include <torch/extension.h>
@@ -25,6 +27,9 @@
 
 #include <algorithm>
 #include <atomic>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <cstdint>
 #include <vector>
 
@@ -77,27 +82,41 @@ int64_t task_work(int64_t total, int64_t min_work) {
   return std::max<int64_t>(min_work, total / (4 * std::max(1, at::get_num_threads())));
 }
 
-// dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds)^T. Strips of 8 source rows (8 cache
-// lines whatever lds is) and one cache line of columns at a time; ldd is chosen by the caller so the
-// destination lines do not share cache sets (see padded_stride).
-template <typename T>
-void transpose_block(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols) {
-  constexpr int64_t kRows = 8, kCols = 64 / sizeof(T);
-  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-    const int64_t r1 = std::min(rows, r0 + kRows);
-    for (int64_t c0 = 0; c0 < cols; c0 += kCols) {
-      const int64_t c1 = std::min(cols, c0 + kCols);
-      if (r1 - r0 == kRows) {
-        for (int64_t c = c0; c < c1; ++c) {
-          T* d = dst + c * ldd + r0;
-          for (int64_t r = 0; r < kRows; ++r) d[r] = src[(r0 + r) * lds + c];
-        }
-      } else {
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
-      }
-    }
+#if defined(__SSE2__)
+// dst[j * ldd + i] = src[i * lds + j] for an 8 x 8 block of 16-bit elements: three rounds of unpacks
+// (pairs, then quads, then halves) turn 8 loaded rows into 8 columns.
+inline void transpose_8x8_u16(const uint16_t* src, int64_t lds, uint16_t* dst, int64_t ldd) {
+  __m128i r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * lds));
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
   }
+  for (int h = 0; h < 2; ++h)      // rows 0-3, rows 4-7
+    for (int q = 0; q < 2; ++q) {  // columns 0-3, columns 4-7
+      r[4 * h + 2 * q] = _mm_unpacklo_epi32(t[4 * h + q], t[4 * h + q + 2]);
+      r[4 * h + 2 * q + 1] = _mm_unpackhi_epi32(t[4 * h + q], t[4 * h + q + 2]);
+    }
+  for (int j = 0; j < 4; ++j) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * j) * ldd), _mm_unpacklo_epi64(r[j], r[j + 4]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * j + 1) * ldd), _mm_unpackhi_epi64(r[j], r[j + 4]));
+  }
+}
+#endif
+
+// dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds)^T, 16-bit elements. Strips of 8 source
+// rows (8 cache lines whatever lds is), 8 x 8 blocks in registers where SSE2 is there, scalar at the edges;
+// ldd is chosen by the caller so the destination rows do not share cache sets (see padded_stride).
+void transpose_u16(const uint16_t* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  int64_t full_rows = 0, full_cols = 0;
+#if defined(__SSE2__)
+  full_rows = rows / 8 * 8;
+  full_cols = cols / 8 * 8;
+  for (int64_t r0 = 0; r0 < full_rows; r0 += 8)
+    for (int64_t c0 = 0; c0 < full_cols; c0 += 8) transpose_8x8_u16(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+#endif
+  for (int64_t r = 0; r < rows; ++r)  // the edges: columns past full_cols of every row, then the last rows
+    for (int64_t c = r < full_rows ? full_cols : 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
 // A row stride (in elements) for `cols` columns: whole cache lines, an odd number of them, so consecutive
@@ -108,24 +127,32 @@ int64_t padded_stride(int64_t cols, int64_t elem) {
   return lines * 64 / elem;
 }
 
-// (cols x rows) contiguous-rows tensor (row stride padded_stride) = block^T; block (rows x cols), unit column stride.
-at::Tensor transposed(const at::Tensor& block) {
-  const int64_t rows = block.size(0), cols = block.size(1), elem = block.element_size();
-  const int64_t ld = padded_stride(rows, elem);
-  at::Tensor padded = at::empty({cols, ld}, block.options());
+// Upper bound on one task's transposed block: the per-thread scratch (below) never grows past it.
+constexpr int64_t kScratchBytes = 8 << 20;
+
+// Per-thread scratch for the transposed blocks, kept between calls: a fresh buffer is page-faulted in on
+// every call, and for a 4 MiB block that costs as much as the copy itself.
+// 64-byte aligned, as torch's allocator is: with malloc's 16-byte alignment the bf16 GEMM ran no faster than on
+// the transposed view it replaces.
+uint16_t* scratch_u16(int64_t n) {
+  thread_local std::vector<uint16_t> buffer;
+  constexpr int64_t kAlign = 64 / sizeof(uint16_t);
+  if (static_cast<int64_t>(buffer.size()) < n + kAlign) buffer.resize(n + kAlign);
+  const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+  return reinterpret_cast<uint16_t*>((address + 63) / 64 * 64);
+}
+
+// (cols x rows) = block^T in this thread's scratch (valid until the thread's next call), unit column stride,
+// row stride padded_stride; block (rows x cols) 16-bit elements, unit column stride.
+at::Tensor transposed_u16(const at::Tensor& block) {
+  const int64_t rows = block.size(0), cols = block.size(1);
+  const int64_t ld = padded_stride(rows, 2);
+  uint16_t* dst = scratch_u16(cols * ld);
+  transpose_u16(static_cast<const uint16_t*>(block.data_ptr()), block.stride(0), dst, ld, rows, cols);
   // oneDNN's bf16 kernels read A in pairs along K and let B's zero padding cancel the extra element, so an
-  // odd row length reads one element of the padding: it must be a finite number (garbage can be NaN).
-  padded.narrow(1, rows, ld - rows).zero_();
-  at::Tensor out = padded.narrow(1, 0, rows);
-  if (elem == 2)
-    transpose_block(static_cast<const uint16_t*>(block.data_ptr()), block.stride(0),
-                    static_cast<uint16_t*>(out.data_ptr()), ld, rows, cols);
-  else if (elem == 4)
-    transpose_block(static_cast<const uint32_t*>(block.data_ptr()), block.stride(0),
-                    static_cast<uint32_t*>(out.data_ptr()), ld, rows, cols);
-  else
-    out.copy_(block.t());
-  return out;
+  // odd row length reads one element of the padding: it must be a finite number (stale scratch can be NaN).
+  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, uint16_t{0});
+  return at::from_blob(dst, {cols, rows}, {ld, 1}, block.options());
 }
 
 void check_operand(const at::Tensor& t, int64_t dims, const char* op, const char* name) {
@@ -195,15 +222,21 @@ void moe_grouped_mm_wgrad(const at::Tensor& a, const at::Tensor& b, const at::Te
       out.select(0, e).zero_();  // no tokens: the gradient is zero, not left unwritten
       continue;
     }
-    const int64_t target_m = std::max<int64_t>(16, target / (rows * n));
+    // Output rows per task: about the target work, at least 16, and a transposed block within the scratch bound.
+    const int64_t target_m =
+        std::max<int64_t>(16, std::min(target / (rows * n), kScratchBytes / (2 * padded_stride(rows, 2))));
     split(m, target_m, [&](int64_t lo, int64_t hi) { tasks.push_back({e, lo, hi, rows * (hi - lo) * n}); });
   }
+  // fp16 / bf16 go to oneDNN's brgemm, which is about 2x slower with a transposed A: copy it. fp32 goes to
+  // MKL's sgemm, which takes a transposed A at nearly full speed: the copy would only cost
+  // (`python benchmarks/cpu_probes.py gemm-layouts --dtype fp32`).
+  const bool copy_transposed = a.element_size() == 2;
   const at::Tensor a_ = a.detach(), b_ = b.detach();
   run_tasks(tasks, [&](const Task& t) {
     const int64_t lo = bounds[t.expert], rows = bounds[t.expert + 1] - lo;
     at::Tensor o = out.select(0, t.expert).narrow(0, t.begin, t.end - t.begin);
-    const at::Tensor a_t = transposed(a_.narrow(0, lo, rows).narrow(1, t.begin, t.end - t.begin));
-    at::mm_out(o, a_t, b_.narrow(0, lo, rows));
+    const at::Tensor block = a_.narrow(0, lo, rows).narrow(1, t.begin, t.end - t.begin);
+    at::mm_out(o, copy_transposed ? transposed_u16(block) : block.t(), b_.narrow(0, lo, rows));
   });
 }
 
