@@ -9,11 +9,10 @@
 // b may be any strided view (e.g. gate_up_proj.transpose(1, 2)); a, out contiguous.
 //
 // Why not torch's grouped_mm, which calls one multithreaded oneDNN GEMM per expert:
-//  * oneDNN splits each small per-expert GEMM over all threads, and at some shapes uses only one of them
-//    (bf16 (1024 x 1024) @ (1024 x 1024) takes as long on 2 threads as on 1 on the development machine, while
-//    (2048 x 1024) @ (1024 x 1024) takes the same time and runs at twice the rate);
+//  * oneDNN splits each small per-expert GEMM over all threads, and at some shapes gains nothing from it
+//    (on the development machine bf16 (1024 x 1024) @ (1024 x 1024) is no faster on 2 threads than on 1);
 //  * the weight gradient reads A transposed (column-major), and oneDNN's bf16 GEMM runs that layout at about
-//    0.6x the rate of a row-major A.
+//    0.6-0.7x the rate of a row-major A.
 // (`python benchmarks/cpu_probes.py gemm-layouts` measures both.)
 // Here the work is cut into independent tasks, each one single-threaded GEMM call (inside a parallel region
 // oneDNN and MKL run on the calling thread): a chunk of an expert's rows; for the weight gradient a chunk of
