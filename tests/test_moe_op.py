@@ -514,6 +514,19 @@ def test_bench_cases_and_builders_run_tiny():
         assert_close(outs[backend], outs["reference"], **tolerance(torch.float32, scale=3), name=backend)
 
 
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda_emu"])
+def test_forward_under_inference_mode_and_no_grad(backend, mode):
+    """Evaluation runs the model under torch.inference_mode: the kernels' outputs are then inference tensors,
+    which worker threads (no inherited thread-local state) must still be able to write."""
+    _skip_unavailable(backend)
+    tensors, idx, _ = make_inputs(300, 24, 20, 4, 2, "random", torch.float32, seed=9)
+    want = moe_mlp(*tensors[:1], idx, *tensors[1:], backend="reference")
+    with getattr(torch, mode)():
+        got = moe_mlp(*tensors[:1], idx, *tensors[1:], backend=backend)
+    assert_close(got, want, **tolerance(torch.float32, scale=3), name=f"{backend} under {mode}")
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
 def test_inside_autocast_runs_in_autocast_dtype_with_grads(backend):
     """fp32 inputs and weights inside torch.autocast(bf16): the op runs in bf16 like a matmul, and

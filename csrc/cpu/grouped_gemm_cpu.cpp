@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <utility>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -69,8 +70,10 @@ void run_tasks(std::vector<Task>& tasks, F f) {
   std::atomic<size_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    // The worker threads do not inherit the caller's grad mode; the GEMMs write into out= tensors.
-    at::NoGradGuard no_grad;
+    // The worker threads do not inherit the caller's thread-local state (grad mode, inference mode). The
+    // GEMMs write into out= tensors that may be inference tensors: go straight to the CPU kernels, below
+    // autograd and the in-place checks, as the caller's dispatch already went through them.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (size_t i; (i = next.fetch_add(1)) < tasks.size();) f(tasks[i]);
   });
 }
@@ -154,24 +157,25 @@ at::Tensor transposed_u16(const at::Tensor& block) {
   return at::from_blob(dst, {cols, rows}, {ld, 1}, block.options());
 }
 
-void check_operand(const at::Tensor& t, int64_t dims, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == dims, op, ": ", name, " must be ", dims, "-D, got ", t.sizes());
-}
-
-void check_rows_layout(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+// Device, rank, layout and dtype of a grouped GEMM's operands; each op checks the shapes. a and out must be
+// contiguous, b only where b_contiguous.
+void check_operands(const char* op, const at::Tensor& a, const at::Tensor& b, int64_t b_dims, bool b_contiguous,
+                    const at::Tensor& out, int64_t out_dims) {
+  const std::pair<const at::Tensor*, const char*> operands[] = {{&a, "a"}, {&b, "b"}, {&out, "out"}};
+  const int64_t dims[] = {2, b_dims, out_dims};
+  for (int i = 0; i < 3; ++i) {
+    const auto& [t, name] = operands[i];
+    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t->device());
+    TORCH_CHECK(t->dim() == dims[i], op, ": ", name, " must be ", dims[i], "-D, got ", t->sizes());
+    TORCH_CHECK(t->is_contiguous() || (t == &b && !b_contiguous), op, ": ", name, " must be contiguous");
+  }
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && out.scalar_type() == a.scalar_type(), op,
+              ": a, b and out must share a dtype, got ", a.scalar_type(), ", ", b.scalar_type(), ", ", out.scalar_type());
 }
 
 void moe_grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, at::Tensor out) {
   const char* op = "moe_grouped_mm";
-  check_operand(a, 2, op, "a");
-  check_operand(b, 3, op, "b");
-  check_operand(out, 2, op, "out");
-  check_rows_layout(a, op, "a");
-  check_rows_layout(out, op, "out");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type() && out.scalar_type() == a.scalar_type(), op,
-              ": a, b and out must share a dtype, got ", a.scalar_type(), ", ", b.scalar_type(), ", ", out.scalar_type());
+  check_operands(op, a, b, 3, /*b_contiguous=*/false, out, 2);
   TORCH_CHECK(b.size(1) == a.size(1) && out.size(0) == a.size(0) && out.size(1) == b.size(2) &&
                   offsets.numel() == b.size(0),
               op, ": a (S, K), b (E, K, N), offsets (E,), out (S, N); got a ", a.sizes(), ", b ", b.sizes(),
@@ -198,14 +202,7 @@ void moe_grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
 
 void moe_grouped_mm_wgrad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, at::Tensor out) {
   const char* op = "moe_grouped_mm_wgrad";
-  check_operand(a, 2, op, "a");
-  check_operand(b, 2, op, "b");
-  check_operand(out, 3, op, "out");
-  check_rows_layout(a, op, "a");
-  check_rows_layout(b, op, "b");
-  check_rows_layout(out, op, "out");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type() && out.scalar_type() == a.scalar_type(), op,
-              ": a, b and out must share a dtype, got ", a.scalar_type(), ", ", b.scalar_type(), ", ", out.scalar_type());
+  check_operands(op, a, b, 2, /*b_contiguous=*/true, out, 3);
   TORCH_CHECK(b.size(0) == a.size(0) && out.size(0) == offsets.numel() && out.size(1) == a.size(1) &&
                   out.size(2) == b.size(1),
               op, ": a (S, M), b (S, N), offsets (E,), out (E, M, N); got a ", a.sizes(), ", b ", b.sizes(),
@@ -226,9 +223,9 @@ void moe_grouped_mm_wgrad(const at::Tensor& a, const at::Tensor& b, const at::Te
         std::max<int64_t>(16, std::min(target / (rows * n), kScratchBytes / (2 * padded_stride(rows, 2))));
     split(m, target_m, [&](int64_t lo, int64_t hi) { tasks.push_back({e, lo, hi, rows * (hi - lo) * n}); });
   }
-  // fp16 / bf16 go to oneDNN's brgemm, which is about 2x slower with a transposed A: copy it. fp32 goes to
+  // fp16 / bf16 go to oneDNN's brgemm, which is markedly slower with a transposed A: copy it. fp32 goes to
   // MKL's sgemm, which takes a transposed A at nearly full speed: the copy would only cost
-  // (`python benchmarks/cpu_probes.py gemm-layouts --dtype fp32`).
+  // (`python benchmarks/cpu_probes.py gemm-layouts [--dtype fp32]`).
   const bool copy_transposed = a.element_size() == 2;
   const at::Tensor a_ = a.detach(), b_ = b.detach();
   run_tasks(tasks, [&](const Task& t) {
