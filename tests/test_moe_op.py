@@ -351,6 +351,27 @@ def test_cpu_grouped_gemms_reject_bad_arguments():
         ops.moe_grouped_mm_wgrad(a, g.double(), torch.tensor([2, 6], dtype=torch.int32), dw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_kernels_round_like_torch(dtype):
+    """The fp16 (F16C) and bf16 (bit) conversions of the cpu kernels: fp32 arithmetic rounded once to the
+    storage dtype, bit-identical to torch's rounding, at row lengths with and without a vector tail, with
+    infinities, NaN and values that overflow the storage dtype."""
+    _skip_unavailable("cpu")
+    ops = _kernels("cpu")
+    gen = torch.Generator().manual_seed(4)
+    for h in (8, 21, 64):
+        x = (torch.randn(6, h, generator=gen) * 3).to(dtype)
+        x[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")]).to(dtype)
+        x[1, 0] = torch.finfo(dtype).max
+        rows = torch.tensor([5, 0, 1, 3])
+        scale = torch.tensor([0.3, 1.7, 2.0, -0.1]).to(dtype)
+        got = ops.permute(x, rows, scale, torch.arange(4))
+        want = (x.float()[rows] * scale.float()[:, None]).to(dtype)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)) or (
+            torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
+        ), f"h={h}: rounding differs from torch's"
+
+
 def test_cpu_kernels_reject_bad_arguments():
     _skip_unavailable("cpu")
     from moon_fast._ext import cpu_ops

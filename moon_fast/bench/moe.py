@@ -46,8 +46,8 @@ def traffic_bytes(t: int, h: int, i: int, e: int, k: int, elem: int) -> tuple[fl
 
 
 def cases(quick: bool) -> list[Case]:
-    """The headline case (T=4096, H=I=1024, E=8, k=2, fp32 and bf16, every backend) and sweeps over T
-    and E (bf16). ``quick``: small shapes only, for the CPU."""
+    """The headline case (T=4096, H=I=1024, E=8, k=2, fp32 and bf16, every backend; fp16, the main ones)
+    and sweeps over T and E (bf16). ``quick``: small shapes only, for the CPU."""
     out: list[Case] = []
     backends = OURS + PEERS
 
@@ -69,6 +69,7 @@ def cases(quick: bool) -> list[Case]:
     for dtype in ("fp32", "bf16"):
         add(dtype, 4096, 1024, 1024, 8, 2, backends)
     sweep = ("torch", "cpu", "triton", "cuda", "hf_grouped_mm", "dense_gemm", "cpu_gemm_floor")
+    add("fp16", 4096, 1024, 1024, 8, 2, sweep)  # the headline shape in fp16, against the main peers only
     for t in (1024, 16384):
         add("bf16", t, 1024, 1024, 8, 2, sweep, tag="sweepT:")
     for e in (4, 32, 64):
