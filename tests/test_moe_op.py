@@ -533,6 +533,10 @@ def test_bench_cases_and_builders_run_tiny():
         outs[backend] = out.detach()
     for backend in ("torch", "cpu", "grouped_mm", "hf_eager", "hf_grouped_mm"):
         assert_close(outs[backend], outs["reference"], **tolerance(torch.float32, scale=3), name=backend)
+    from moon_fast.backends import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="takes CPU tensors"):  # a GPU run reports it unavailable
+        bench.build(backend="cpu_gemm_floor", dtype=torch.float32, device=torch.device("meta"), T=4, H=8, I=8, E=2, k=1)
 
 
 @pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])

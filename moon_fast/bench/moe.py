@@ -151,9 +151,12 @@ def build(*, backend: str, dtype: torch.dtype, device: torch.device, T: int, H: 
         if backend == "grouped_gemm_floor":
             from moon_fast.ops.moe_gemm import gmm, gmm_wgrad
         else:
-            from moon_fast.ops.moe_cuda import CPU_KERNELS, cpu_ops
+            from moon_fast.backends import BackendUnavailable, cpu_ext_unavailable
+            from moon_fast.ops.moe_cuda import CPU_KERNELS
 
-            cpu_ops(device)  # raises where the cpu kernels are not built or the device is not the CPU
+            reason = cpu_ext_unavailable(device)  # not built, or not the CPU
+            if reason:
+                raise BackendUnavailable(f"cpu_gemm_floor: {reason}")
             gmm, gmm_wgrad = CPU_KERNELS.gmm, CPU_KERNELS.gmm_wgrad
         return _grouped_gemm_floor(idx, gate_up, down, gmm, gmm_wgrad, fl_f, fl_b, by_f, by_b)
 
