@@ -56,10 +56,12 @@ std::vector<int64_t> expert_bounds(const at::Tensor& offsets, int64_t rows) {
   return bounds;
 }
 
-// Splits [0, n) into ceil(n / target) near-equal chunks (at least one when n > 0).
+// Splits [0, n) into round(n / target) near-equal chunks (at least one when n > 0). Rounding, not ceil: an
+// expert a few rows over the target stays one GEMM call rather than two half-size ones (each call also
+// re-reads and re-packs the expert's weights).
 template <class F>
 void split(int64_t n, int64_t target, F emit) {
-  const int64_t parts = std::max<int64_t>(1, (n + target - 1) / target);
+  const int64_t parts = std::max<int64_t>(1, (n + target / 2) / target);
   for (int64_t p = 0; p < parts; ++p) emit(n * p / parts, n * (p + 1) / parts);
 }
 
