@@ -131,7 +131,8 @@ int64_t padded_stride(int64_t cols, int64_t elem) {
   return lines * 64 / elem;
 }
 
-// Upper bound on one task's transposed block: the per-thread scratch (below) never grows past it.
+// Bound on one task's transposed block, and so on the per-thread scratch below (a task still gets at least 16
+// output rows, so an expert with more than 256K rows can exceed it).
 constexpr int64_t kScratchBytes = 8 << 20;
 
 // Per-thread scratch for the transposed blocks, kept between calls: a fresh buffer is page-faulted in on
