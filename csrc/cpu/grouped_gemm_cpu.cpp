@@ -135,10 +135,9 @@ int64_t padded_stride(int64_t cols, int64_t elem) {
 // output rows, so an expert with more than 256K rows can exceed it).
 constexpr int64_t kScratchBytes = 8 << 20;
 
-// Per-thread scratch for the transposed blocks, kept between calls: a fresh buffer is page-faulted in on
-// every call, and for a 4 MiB block that costs as much as the copy itself.
-// 64-byte aligned, as torch's allocator is: with malloc's 16-byte alignment the bf16 GEMM ran no faster than on
-// the transposed view it replaces.
+// Per-thread scratch for the transposed blocks, kept between calls (a fresh buffer would be page-faulted in
+// on every call), 64-byte aligned as torch's allocator is (in an ad-hoc test, not kept, oneDNN's bf16 GEMM was
+// markedly slower on a 16-byte-aligned A).
 uint16_t* scratch_u16(int64_t n) {
   thread_local std::vector<uint16_t> buffer;
   constexpr int64_t kAlign = 64 / sizeof(uint16_t);
