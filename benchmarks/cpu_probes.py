@@ -4,6 +4,7 @@
     python benchmarks/cpu_probes.py thp-gather                   # a large gather with / without huge pages
     python benchmarks/cpu_probes.py moe-profile [--dtype bf16] [--backend torch]   # torch.profiler table of moe_mlp
     python benchmarks/cpu_probes.py gemm-layouts [--dtype bf16]  # GEMM shapes / layouts / thread counts of the MoE
+    python benchmarks/cpu_probes.py small-experts                # bf16 per-expert GEMM calls: where small ones lose
 
 * gemm-drift: the median time of a (1024 x 1024) @ (1024 x 1024) bf16 matmul in each of several fresh
   processes. Why ``moon-fast bench --interleave`` exists: the same call differs between processes.
@@ -13,6 +14,11 @@
   median time of one expert's share of the headline case's GEMMs on 1 and on all threads, of a twice
   taller one, of the weight gradient with A transposed against row-major, and of the blocked transposed
   copy the ``cpu`` backend makes instead (one process, calls interleaved, 15 rounds).
+* small-experts: why the ``cpu`` backend falls behind a dense GEMM when experts get few rows (the E=64 and
+  T=1024 points of the sweep): one thread, bf16, the gate_up forward GEMM (rows @ W^T, W (2048 x 1024)) cut
+  into E calls of M rows, at E x M = 8192 rows (same FLOPs): with E distinct weights, with one weight E
+  times, with weights packed beforehand by oneDNN (``torch.ops.mkldnn._linear_pointwise``), and as one call.
+  The packing itself is timed too. 7 interleaved rounds, medians.
 * moe-profile: per-op CPU time of two forward+backward steps of ``moe_mlp`` (``--backend`` torch or cpu) at the
   benchmark's headline shape (T=4096, H=I=1024, E=8, k=2).
 """
@@ -125,6 +131,47 @@ def gemm_layouts(dtype: str) -> None:
         print(f"  {statistics.median(ts) * 1e3:7.2f} ms  {name}")
 
 
+def small_experts() -> None:
+    import statistics
+    import time
+
+    import torch
+
+    torch.set_num_threads(1)  # each cpu-backend GEMM task runs on one thread
+    dt, rows, k_dim, n_dim = torch.bfloat16, 8192, 1024, 2048
+    mkldnn = torch.ops.mkldnn
+    for experts in (8, 64):
+        m = rows // experts
+        a = torch.randn(rows, k_dim, dtype=dt)
+        w = torch.randn(experts, n_dim, k_dim, dtype=dt)
+        out = torch.empty(rows, n_dim, dtype=dt)
+        packed = [mkldnn._reorder_linear_weight(w[e], m) for e in range(experts)]
+
+        def calls(weight_of):
+            return lambda: [torch.mm(a[e * m:(e + 1) * m], weight_of(e).t(), out=out[e * m:(e + 1) * m])
+                            for e in range(experts)]
+
+        cases = {
+            f"{experts} calls of {m} rows, {experts} distinct weights": calls(lambda e: w[e]),
+            f"{experts} calls of {m} rows, one weight": calls(lambda e: w[0]),
+            f"{experts} calls of {m} rows, weights packed beforehand (oneDNN linear)": lambda: [
+                mkldnn._linear_pointwise(a[e * m:(e + 1) * m], packed[e], None, "none", [], "")
+                for e in range(experts)],
+            f"packing the {experts} weights (oneDNN reorder)": lambda: [
+                mkldnn._reorder_linear_weight(w[e], m) for e in range(experts)],
+            f"one call of {rows} rows": lambda: torch.mm(a, w[0].t(), out=out),
+        }
+        times = {name: [] for name in cases}
+        for _ in range(7):
+            for name, fn in cases.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        print(f"bf16 (rows x 1024) @ W^T, W (2048 x 1024), {rows} rows in all, 1 thread, median of 7 interleaved:")
+        for name, ts in times.items():
+            print(f"  {statistics.median(ts) * 1e3:7.2f} ms  {name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="probe", required=True)
@@ -134,6 +181,7 @@ def main() -> None:
     profile_args.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
     profile_args.add_argument("--backend", default="torch", choices=("torch", "cpu"))
     sub.add_parser("gemm-layouts").add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
+    sub.add_parser("small-experts")
     args = parser.parse_args()
     if args.probe == "gemm-drift":
         gemm_drift(args.processes)
@@ -141,6 +189,8 @@ def main() -> None:
         thp_gather()
     elif args.probe == "gemm-layouts":
         gemm_layouts(args.dtype)
+    elif args.probe == "small-experts":
+        small_experts()
     else:
         moe_profile(args.dtype, args.backend)
 
