@@ -131,45 +131,49 @@ def gemm_layouts(dtype: str) -> None:
         print(f"  {statistics.median(ts) * 1e3:7.2f} ms  {name}")
 
 
-def small_experts() -> None:
+def _small_experts_case(experts: int, rows: int = 8192, k_dim: int = 1024, n_dim: int = 2048) -> None:
     import statistics
     import time
 
     import torch
 
+    dt, m, mkldnn = torch.bfloat16, rows // experts, torch.ops.mkldnn
+    a = torch.randn(rows, k_dim, dtype=dt)
+    w = torch.randn(experts, n_dim, k_dim, dtype=dt)
+    out = torch.empty(rows, n_dim, dtype=dt)
+    packed = [mkldnn._reorder_linear_weight(w[e], m) for e in range(experts)]
+
+    def calls(weight_of):
+        return lambda: [torch.mm(a[e * m:(e + 1) * m], weight_of(e).t(), out=out[e * m:(e + 1) * m])
+                        for e in range(experts)]
+
+    cases = {
+        f"{experts} calls of {m} rows, {experts} distinct weights": calls(lambda e: w[e]),
+        f"{experts} calls of {m} rows, one weight": calls(lambda e: w[0]),
+        f"{experts} calls of {m} rows, weights packed beforehand (oneDNN linear)": lambda: [
+            mkldnn._linear_pointwise(a[e * m:(e + 1) * m], packed[e], None, "none", [], "") for e in range(experts)],
+        f"packing the {experts} weights (oneDNN reorder)": lambda: [
+            mkldnn._reorder_linear_weight(w[e], m) for e in range(experts)],
+        f"one call of {rows} rows": lambda: torch.mm(a, w[0].t(), out=out),
+    }
+    times = {name: [] for name in cases}
+    for _ in range(7):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    print(f"bf16 (rows x {k_dim}) @ W^T, W ({n_dim} x {k_dim}), {rows} rows in all, 1 thread, "
+          "median of 7 interleaved:")
+    for name, ts in times.items():
+        print(f"  {statistics.median(ts) * 1e3:7.2f} ms  {name}")
+
+
+def small_experts() -> None:
+    import torch
+
     torch.set_num_threads(1)  # each cpu-backend GEMM task runs on one thread
-    dt, rows, k_dim, n_dim = torch.bfloat16, 8192, 1024, 2048
-    mkldnn = torch.ops.mkldnn
     for experts in (8, 64):
-        m = rows // experts
-        a = torch.randn(rows, k_dim, dtype=dt)
-        w = torch.randn(experts, n_dim, k_dim, dtype=dt)
-        out = torch.empty(rows, n_dim, dtype=dt)
-        packed = [mkldnn._reorder_linear_weight(w[e], m) for e in range(experts)]
-
-        def calls(weight_of):
-            return lambda: [torch.mm(a[e * m:(e + 1) * m], weight_of(e).t(), out=out[e * m:(e + 1) * m])
-                            for e in range(experts)]
-
-        cases = {
-            f"{experts} calls of {m} rows, {experts} distinct weights": calls(lambda e: w[e]),
-            f"{experts} calls of {m} rows, one weight": calls(lambda e: w[0]),
-            f"{experts} calls of {m} rows, weights packed beforehand (oneDNN linear)": lambda: [
-                mkldnn._linear_pointwise(a[e * m:(e + 1) * m], packed[e], None, "none", [], "")
-                for e in range(experts)],
-            f"packing the {experts} weights (oneDNN reorder)": lambda: [
-                mkldnn._reorder_linear_weight(w[e], m) for e in range(experts)],
-            f"one call of {rows} rows": lambda: torch.mm(a, w[0].t(), out=out),
-        }
-        times = {name: [] for name in cases}
-        for _ in range(7):
-            for name, fn in cases.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-        print(f"bf16 (rows x 1024) @ W^T, W (2048 x 1024), {rows} rows in all, 1 thread, median of 7 interleaved:")
-        for name, ts in times.items():
-            print(f"  {statistics.median(ts) * 1e3:7.2f} ms  {name}")
+        _small_experts_case(experts)
 
 
 def main() -> None:
