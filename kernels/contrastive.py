@@ -46,6 +46,21 @@ def _tile_logits(r, c_ptr, c_offs, c_mask, d_offs, D, stride_c, scale, r_grp, r_
     return s, c
 
 
+@triton.jit
+def _row_block(r_ptr, rg_ptr, rid_ptr, r_offs, r_mask, d_offs, D, stride_r, no_groups,
+               COMPUTE: tl.constexpr, HAS_GROUPS: tl.constexpr):
+    """Rows r_offs (BR,): their embeddings r (BR, DP) in COMPUTE, group and id (BR,) each; without groups
+    both are ``no_groups`` (any (BR,) int tensor: _tile_logits does not read them then)."""
+    r = tl.load(r_ptr + r_offs[:, None] * stride_r + d_offs[None, :],
+                mask=r_mask[:, None] & (d_offs[None, :] < D), other=0.0).to(COMPUTE)
+    r_grp = no_groups
+    r_id = no_groups
+    if HAS_GROUPS:
+        r_grp = tl.load(rg_ptr + r_offs, mask=r_mask, other=0)
+        r_id = tl.load(rid_ptr + r_offs, mask=r_mask, other=-1)
+    return r, r_grp, r_id
+
+
 # rows (Nr, D), cols (Nc, D), pos/rg/rid (Nr,), cg/cid (Nc,) -> lse (Nr,), spos (Nr,)
 @triton.jit
 def _fwd_rows(r_ptr, c_ptr, scale_ptr, pos_ptr, rg_ptr, rid_ptr, cg_ptr, cid_ptr, lse_ptr, spos_ptr,
@@ -57,14 +72,9 @@ def _fwd_rows(r_ptr, c_ptr, scale_ptr, pos_ptr, rg_ptr, rid_ptr, cg_ptr, cid_ptr
     r_mask = r_offs < Nr
     d_offs = tl.arange(0, DP)
     scale = tl.load(scale_ptr).to(tl.float32)
-    r = tl.load(r_ptr + r_offs[:, None] * stride_r + d_offs[None, :],
-                mask=r_mask[:, None] & (d_offs[None, :] < D), other=0.0).to(COMPUTE)
     pos = tl.load(pos_ptr + r_offs, mask=r_mask, other=-1)
-    r_grp = pos
-    r_id = pos
-    if HAS_GROUPS:
-        r_grp = tl.load(rg_ptr + r_offs, mask=r_mask, other=0)
-        r_id = tl.load(rid_ptr + r_offs, mask=r_mask, other=-1)
+    r, r_grp, r_id = _row_block(r_ptr, rg_ptr, rid_ptr, r_offs, r_mask, d_offs, D, stride_r, pos, COMPUTE,
+                                HAS_GROUPS)
     m_i = tl.full((BR,), float("-inf"), tl.float32)
     l_i = tl.zeros((BR,), tl.float32)
     sp = tl.zeros((BR,), tl.float32)
@@ -98,13 +108,8 @@ def _fwd_cols(r_ptr, c_ptr, scale_ptr, rg_ptr, rid_ptr, cg_ptr, cid_ptr, clse_pt
     for r0 in range(0, Nr, BR):
         r_offs = r0 + tl.arange(0, BR)
         r_mask = r_offs < Nr
-        r = tl.load(r_ptr + r_offs[:, None] * stride_r + d_offs[None, :],
-                    mask=r_mask[:, None] & (d_offs[None, :] < D), other=0.0).to(COMPUTE)
-        r_grp = r_offs
-        r_id = r_offs
-        if HAS_GROUPS:
-            r_grp = tl.load(rg_ptr + r_offs, mask=r_mask, other=0)
-            r_id = tl.load(rid_ptr + r_offs, mask=r_mask, other=-1)
+        r, r_grp, r_id = _row_block(r_ptr, rg_ptr, rid_ptr, r_offs, r_mask, d_offs, D, stride_r, r_offs, COMPUTE,
+                                    HAS_GROUPS)
         s, c = _tile_logits(r, c_ptr, c_offs, c_mask, d_offs, D, stride_c, scale, r_grp, r_id, cg_ptr, cid_ptr,
                             COMPUTE, PRECISION, HAS_GROUPS)
         s = tl.where(r_mask[:, None], s, float("-inf"))
@@ -140,17 +145,12 @@ def _bwd_rows(r_ptr, c_ptr, scale_ptr, pos_ptr, rg_ptr, rid_ptr, cg_ptr, cid_ptr
     r_mask = r_offs < Nr
     d_offs = tl.arange(0, DP)
     scale = tl.load(scale_ptr).to(tl.float32)
-    r = tl.load(r_ptr + r_offs[:, None] * stride_r + d_offs[None, :],
-                mask=r_mask[:, None] & (d_offs[None, :] < D), other=0.0).to(COMPUTE)
     pos = tl.load(pos_ptr + r_offs, mask=r_mask, other=-1)
+    r, r_grp, r_id = _row_block(r_ptr, rg_ptr, rid_ptr, r_offs, r_mask, d_offs, D, stride_r, pos, COMPUTE,
+                                HAS_GROUPS)
     lse = tl.load(lse_ptr + r_offs, mask=r_mask, other=0.0)
     a = tl.load(a_ptr + r_offs, mask=r_mask, other=0.0)
     pc = tl.load(pc_ptr + r_offs, mask=r_mask, other=0.0)
-    r_grp = pos
-    r_id = pos
-    if HAS_GROUPS:
-        r_grp = tl.load(rg_ptr + r_offs, mask=r_mask, other=0)
-        r_id = tl.load(rid_ptr + r_offs, mask=r_mask, other=-1)
     acc = tl.zeros((BR, DP), tl.float32)
     for c0 in range(0, Nc, BC):
         c_offs = c0 + tl.arange(0, BC)
@@ -181,17 +181,12 @@ def _bwd_cols(r_ptr, c_ptr, scale_ptr, pos_ptr, rg_ptr, rid_ptr, cg_ptr, cid_ptr
     for r0 in range(0, Nr, BR):
         r_offs = r0 + tl.arange(0, BR)
         r_mask = r_offs < Nr
-        r = tl.load(r_ptr + r_offs[:, None] * stride_r + d_offs[None, :],
-                    mask=r_mask[:, None] & (d_offs[None, :] < D), other=0.0).to(COMPUTE)
         pos = tl.load(pos_ptr + r_offs, mask=r_mask, other=-1)
+        r, r_grp, r_id = _row_block(r_ptr, rg_ptr, rid_ptr, r_offs, r_mask, d_offs, D, stride_r, pos, COMPUTE,
+                                    HAS_GROUPS)
         lse = tl.load(lse_ptr + r_offs, mask=r_mask, other=0.0)
         a = tl.load(a_ptr + r_offs, mask=r_mask, other=0.0)
         pc = tl.load(pc_ptr + r_offs, mask=r_mask, other=0.0)
-        r_grp = pos
-        r_id = pos
-        if HAS_GROUPS:
-            r_grp = tl.load(rg_ptr + r_offs, mask=r_mask, other=0)
-            r_id = tl.load(rid_ptr + r_offs, mask=r_mask, other=-1)
         s, c = _tile_logits(r, c_ptr, c_offs, c_mask, d_offs, D, stride_c, scale, r_grp, r_id, cg_ptr, cid_ptr,
                             COMPUTE, PRECISION, HAS_GROUPS)
         g = _grad_tile(s, lse, a, pos, pc, c_offs, clse_ptr, b_ptr, ncol, SYM)
