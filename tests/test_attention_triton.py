@@ -126,57 +126,17 @@ def test_causal_block_boundaries_every_diagonal_offset(tiles, _poison, monkeypat
     check(q, k, v, causal=True, cu_q=cu_of(lq), cu_k=cu_of(lk))
 
 
-_AOT = r'''
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from moon_fast.kernels import flash_attention as fa
-
-def signature(fn, dtype, consts):
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("CU_Q", "CU_K"):
-            sig[name] = "*i32"
-        elif name in ("LSE", "DELTA"):
-            sig[name] = "*fp32"
-        elif name.isupper():
-            sig[name] = "*" + dtype
-        else:
-            sig[name] = "fp32" if "scale" in name else "i32"
-    return sig
-
-arch = int(sys.argv[1])
-for dtype, tdt, d in (("bf16", torch.bfloat16, 80), ("fp16", torch.float16, 128), ("fp32", torch.float32, 64)):
-    bd = max(16, triton.next_power_of_2(d))
-    for kind, kern in (("fwd", fa._fwd_kernel), ("dkdv", fa._bwd_dkdv_kernel), ("dq", fa._bwd_dq_kernel)):
-        bm, bn, w, st = fa._tiles(kind, bd, tdt)
-        consts = dict(GROUP=2, HEAD_DIM=d, CAUSAL=True, UPCAST=False, PRECISION=fa._precision(tdt), BLOCK_M=bm,
-                      BLOCK_N=bn, BLOCK_D=bd)
-        k = triton.compile(ASTSource(kern, signature(kern, dtype, consts), consts),
-                           target=GPUTarget("cuda", arch, 32), options=dict(num_warps=w, num_stages=st))
-        assert k.asm.get("cubin"), (kind, dtype)
-        print("compiled", arch, kind, dtype, d, (bm, bn, w, st), "smem", k.metadata.shared)
-'''
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernels_compile_for_gpu_ahead_of_time(arch, tmp_path):
-    """Compiles the forward and both backward kernels to cubin for sm_80 / sm_90 without a GPU (catches
-    GPU-only compile errors: dot operand types, shapes, shared memory), in a child without the interpreter."""
-    import os
-    import subprocess
-    import sys
+    """The forward, preprocess and both backward kernels compile for sm_80 / sm_90 as the JIT would compile
+    the launches the op really makes (tests/aot_triton.py: no GPU needed; catches GPU-only compile errors:
+    dot operand types, shapes, shared memory), for bf16 d=80, fp16 d=128 and fp32 d=64, causal GQA."""
+    pytest.importorskip("triton")
+    from aot_triton import CI, run_child
 
-    script = tmp_path / "aot.py"
-    script.write_text(_AOT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, str(script), str(arch)], capture_output=True, text=True, timeout=600,
-                          env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 9, proc.stdout
+    kernels = run_child("attention", arch, tmp_path)
+    compiled = {(k["name"], k["flags"]["HEAD_DIM"]) for k in kernels}
+    expected = {(name, d) for _, d, _ in CI["attention"]
+                for name in ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel")}
+    assert compiled == expected, kernels

@@ -1,0 +1,180 @@
+"""Ahead-of-time GPU compilation of the Triton launches our ops really make, without a GPU.
+
+The interpreter runs our kernels' logic on the CPU but cannot see GPU-only compile errors (dot operand
+types and shapes, shared memory per block). Here an op's forward and backward run on CPU tensors in a
+process without TRITON_INTERPRET (so the launchers pick their GPU tile sizes) with ``JITFunction.run``
+replaced by a recorder: every launch is recorded, none runs. Each distinct launch is then compiled for the
+target with Triton's bundled ptxas, specialised as the JIT specialises it on a GPU (16-divisible pointers
+and ints marked, ints equal to 1 made constants). That is the variant whose software pipelining (cp.async
+or TMA stages in shared memory) must fit the GPU, and the one a GPU would run.
+
+    python tests/aot_triton.py --arch 80 [--full] [--ops moe,attention,contrastive]   # a report
+
+The tests (test_*_compile*) run the small ``ci`` configurations in a child process (``run_child``);
+``--full`` compiles every configuration in ``FULL`` (minutes per op and arch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Shared memory per block (opt-in maximum) in bytes: A100 (sm_80) and H100 (sm_90).
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+_launches: list = []
+
+
+def start_recording() -> None:
+    """From now on every Triton kernel launch in this process is recorded instead of run."""
+    from triton.runtime.jit import JITFunction
+
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: _launches.append((self, args, kwargs))
+
+
+# ----------------------------------------------------------------------------- the ops' launches
+
+def exercise_moe(configs) -> None:
+    """configs: (dtype name, T, H, I, E, k). Forward + backward, and the inference forward."""
+    import torch
+    from moon_fast.kernels.moe import moe_mlp_triton
+
+    for dtype, t, h, inter, e, k in configs:
+        dt = getattr(torch, dtype)
+        hidden = torch.randn(t, h, dtype=dt, requires_grad=True)
+        idx = torch.randint(0, e, (t, k))
+        weight = torch.rand(t, k, dtype=dt, requires_grad=True)
+        gate_up = torch.randn(e, 2 * inter, h, dtype=dt, requires_grad=True)
+        down = torch.randn(e, h, inter, dtype=dt, requires_grad=True)
+        moe_mlp_triton(hidden, idx, weight, gate_up, down).sum().backward()
+        moe_mlp_triton(*(x.detach() for x in (hidden, idx, weight, gate_up, down)))  # STORE_GU=False
+
+
+def exercise_attention(configs) -> None:
+    """configs: (dtype name, head dim, causal). GQA (4 query heads on 2 kv heads), forward + backward."""
+    import torch
+
+    from moon_fast.ops import attention
+
+    attention._import_backends()
+    attention.BACKENDS.backends["triton"].unavailable = lambda device: None  # CPU tensors, nothing runs
+    for dtype, d, causal in configs:
+        dt = getattr(torch, dtype)
+        q = torch.randn(2, 48, 4, d, dtype=dt, requires_grad=True)
+        k, v = (torch.randn(2, 48, 2, d, dtype=dt, requires_grad=True) for _ in range(2))
+        attention.flash_attention(q, k, v, causal=causal, backend="triton").sum().backward()
+
+
+def exercise_contrastive(configs) -> None:
+    """configs: (dtype name, embedding dim). Symmetric with groups (all four kernels), forward + backward."""
+    import torch
+
+    from moon_fast.ops import contrastive
+
+    contrastive.BACKENDS.backends["triton"].unavailable = lambda device: None  # CPU tensors, nothing runs
+    for dtype, d in configs:
+        dt = getattr(torch, dtype)
+        q = torch.randn(48, d, dtype=dt, requires_grad=True)
+        k = torch.randn(64, d, dtype=dt, requires_grad=True)
+        contrastive.contrastive_loss(q, k, torch.tensor(10.0), symmetric=True, query_group=torch.arange(48) % 5,
+                                     key_group=torch.arange(64) % 5, backend="triton").backward()
+
+
+EXERCISE = {"moe": exercise_moe, "attention": exercise_attention, "contrastive": exercise_contrastive}
+
+# CI: the configurations whose launch settings differ most (tile sizes, warps, stages, dtypes).
+CI = {
+    # aligned widths (what the JIT specialises: pipelined loads) and widths that are not multiples of 16
+    "moe": [(dt, 40, 1024, 1024, 4, 2) for dt in ("bfloat16", "float16", "float32")]
+           + [(dt, 40, 96, 72, 4, 2) for dt in ("bfloat16", "float16", "float32")],
+    "attention": [("bfloat16", 80, True), ("float16", 128, True), ("float32", 64, True)],
+    "contrastive": [("bfloat16", 512), ("float32", 512), ("float16", 128), ("float32", 1024)],
+}
+FULL = {
+    "moe": CI["moe"],
+    "attention": [(dt, d, c) for dt in ("bfloat16", "float16", "float32") for d in (64, 80, 128, 256)
+                  for c in (False, True)],
+    "contrastive": [(dt, d) for dt in ("bfloat16", "float16", "float32") for d in (64, 128, 256, 512, 768, 1024)],
+}
+
+
+# ----------------------------------------------------------------------------- compilation
+
+def compile_recorded(arch: int) -> list[dict]:
+    """Compiles each distinct recorded launch for sm_``arch``; prints one line per compiled kernel and
+    returns {"name", "flags" (constexpr arguments), "shared" (bytes), "aligned" (every pointer and int
+    argument 16-divisible)} for each. Fails if a kernel does not compile or needs more shared memory than
+    the GPU has."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    assert _launches, "nothing was launched: call start_recording() before running the op"
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    seen, compiled_kernels = set(), []
+    for kern, args, kwargs in _launches:
+        # what JITFunction.run does on a GPU, with the target given instead of read from a driver
+        binder = create_function_from_signature(kern.signature, kern.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = kern._pack_args(backend, kwargs, bound, specialization, options)
+        key = (kern.__name__, str(signature), str(constexprs), str(attrs), str(options))
+        if key in seen:
+            continue
+        seen.add(key)
+        compiled = triton.compile(ASTSource(kern, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+        assert compiled.asm.get("cubin"), kern.__name__
+        flags = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+        shared = compiled.metadata.shared
+        assert shared <= SMEM_LIMIT[arch], (
+            f"{kern.__name__} {flags} num_warps={options.num_warps} num_stages={options.num_stages} needs "
+            f"{shared} bytes of shared memory; sm_{arch} has {SMEM_LIMIT[arch]}")
+        int_or_ptr = [i for i, ty in enumerate(signature.values()) if ty.startswith(("*", "i"))]
+        aligned = all(attrs.get((i,)) for i in int_or_ptr)
+        print("compiled", f"sm_{arch}", kern.__name__, flags, f"warps={options.num_warps}",
+              f"stages={options.num_stages}", "smem", shared, "aligned" if aligned else "unaligned", flush=True)
+        compiled_kernels.append({"name": kern.__name__, "flags": flags, "shared": shared, "aligned": aligned})
+    return compiled_kernels
+
+
+def run_child(op: str, arch: int, tmp_path: Path, timeout: int = 900) -> list[dict]:
+    """Records ``op``'s launches for its CI configurations and compiles them for sm_``arch``, in a child
+    process without the interpreter; returns compile_recorded's list."""
+    import json
+
+    script = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import aot_triton as a\n"
+              f"a.start_recording(); a.EXERCISE[{op!r}](a.CI[{op!r}])\n"
+              f"print('RESULT', json.dumps(a.compile_recorded({arch}), default=str))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(result) == 1, proc.stdout
+    return json.loads(result[0][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Compile our Triton kernels' launches for a GPU, offline.")
+    parser.add_argument("--arch", type=int, choices=sorted(SMEM_LIMIT), required=True)
+    parser.add_argument("--full", action="store_true", help="every configuration in FULL (slow)")
+    parser.add_argument("--ops", default=",".join(EXERCISE))
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET"):
+        sys.exit("unset TRITON_INTERPRET: the launchers must pick their GPU tile sizes")
+    start_recording()
+    configs = FULL if args.full else CI
+    for op in args.ops.split(","):
+        _launches.clear()
+        print(f"# {op}: {len(configs[op])} configurations", flush=True)
+        EXERCISE[op](configs[op])
+        compile_recorded(args.arch)
+
+
+if __name__ == "__main__":
+    main()
