@@ -39,9 +39,13 @@ def tile_sizes(dtype: torch.dtype) -> dict:
     accumulators)."""
     if interpreting():
         return {"BM": 16, "BN": 16, "BN_SWIGLU": 16, "BK": 16, "num_warps": 4, "num_stages": 1}
-    bk = 32 if dtype == torch.float32 else 64
-    return {"BM": 128, "BN": 128, "BN_SWIGLU": 64, "BK": bk, "num_warps": 8, "num_stages": 3}
     # BN_SWIGLU also serves the backward rows kernel with the SwiGLU epilogue (it loads two more tiles)
+    if dtype == torch.float32:
+        # Exact fp32 dots (no tensor cores) hold larger operand fragments: with 128-row tiles ptxas spilled
+        # registers on sm_80 (740 bytes in the SwiGLU kernel); 64-row tiles spill none on sm_80 or sm_90
+        # (python tests/aot_triton.py --arch 80; tests/test_moe_triton_compile.py checks it).
+        return {"BM": 64, "BN": 128, "BN_SWIGLU": 64, "BK": 32, "num_warps": 8, "num_stages": 3}
+    return {"BM": 128, "BN": 128, "BN_SWIGLU": 64, "BK": 64, "num_warps": 8, "num_stages": 3}
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -17,9 +17,13 @@ The tests (test_*_compile*) run the small ``ci`` configurations in a child proce
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Shared memory per block (opt-in maximum) in bytes: A100 (sm_80) and H100 (sm_90).
@@ -103,12 +107,22 @@ FULL = {
 
 # ----------------------------------------------------------------------------- compilation
 
+def _ptxas_usage(log: str) -> tuple[int, int]:
+    """(registers per thread, spill store bytes) from ptxas -v output."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    assert regs and spills, f"no register report in the ptxas log: {log[-2000:]}"
+    return int(regs.group(1)), int(spills.group(1))
+
+
 def compile_recorded(arch: int) -> list[dict]:
     """Compiles each distinct recorded launch for sm_``arch``; prints one line per compiled kernel and
-    returns {"name", "flags" (constexpr arguments), "shared" (bytes), "aligned" (every pointer and int
-    argument 16-divisible)} for each. Fails if a kernel does not compile or needs more shared memory than
-    the GPU has."""
+    returns {"name", "flags" (constexpr arguments), "shared" (bytes), "regs" (per thread), "spills" (spill
+    store bytes), "aligned" (every pointer and int argument 16-divisible)} for each. Fails if a kernel does
+    not compile or needs more shared memory than the GPU has. Call it with an empty Triton cache: a cached
+    kernel has no ptxas report."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -116,6 +130,7 @@ def compile_recorded(arch: int) -> list[dict]:
     assert _launches, "nothing was launched: call start_recording() before running the op"
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
+    knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas -v (registers, spills) for each compile
     seen, compiled_kernels = set(), []
     for kern, args, kwargs in _launches:
         # what JITFunction.run does on a GPU, with the target given instead of read from a driver
@@ -126,9 +141,12 @@ def compile_recorded(arch: int) -> list[dict]:
         if key in seen:
             continue
         seen.add(key)
-        compiled = triton.compile(ASTSource(kern, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(kern, signature, constexprs, attrs), target=target,
+                                      options=options.__dict__)
         assert compiled.asm.get("cubin"), kern.__name__
+        regs, spills = _ptxas_usage(log.getvalue())
         flags = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
         shared = compiled.metadata.shared
         assert shared <= SMEM_LIMIT[arch], (
@@ -137,8 +155,10 @@ def compile_recorded(arch: int) -> list[dict]:
         int_or_ptr = [i for i, ty in enumerate(signature.values()) if ty.startswith(("*", "i"))]
         aligned = all(attrs.get((i,)) for i in int_or_ptr)
         print("compiled", f"sm_{arch}", kern.__name__, flags, f"warps={options.num_warps}",
-              f"stages={options.num_stages}", "smem", shared, "aligned" if aligned else "unaligned", flush=True)
-        compiled_kernels.append({"name": kern.__name__, "flags": flags, "shared": shared, "aligned": aligned})
+              f"stages={options.num_stages}", f"smem={shared}", f"regs={regs}", f"spill_stores={spills}",
+              "aligned" if aligned else "unaligned", flush=True)
+        compiled_kernels.append({"name": kern.__name__, "flags": flags, "shared": shared, "regs": regs,
+                                 "spills": spills, "aligned": aligned})
     return compiled_kernels
 
 
@@ -167,6 +187,7 @@ def main() -> None:
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET"):
         sys.exit("unset TRITON_INTERPRET: the launchers must pick their GPU tile sizes")
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aot-triton-")  # fresh: every kernel is compiled
     start_recording()
     configs = FULL if args.full else CI
     for op in args.ops.split(","):

@@ -1,7 +1,7 @@
 """The MoE Triton kernels compile for real GPUs (sm_80, sm_90) as the JIT would compile the launches the op
 really makes, offline (tests/aot_triton.py: no GPU needed). No GPU has run these kernels; the interpreter
 tests check their logic, this checks what only a GPU compile sees: dot operand types and shapes, shared
-memory, and that the aligned GEMM loops are software pipelined."""
+memory, and that the aligned (fast-path) GEMM loops are software pipelined and spill no registers."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, tmp_path):
             elem = 4 if flags["COMPUTE"] == "fp32" else 2
             one_stage = (flags["BM"] + b_tiles * flags["BN"]) * flags["BK"] * elem
             assert kern["shared"] > one_stage, kern
+        if kern["aligned"]:
+            # the fast path keeps its accumulators in registers: a spill would cost every K step
+            assert kern["spills"] == 0, kern
     missing = [(name, sw, dt) for name, sw in VARIANTS for dt in ("bf16", "fp16", "fp32")
                if (name, sw, dt, True) not in covered]
     assert not missing, f"launches not compiled in their aligned specialisation: {missing}"
