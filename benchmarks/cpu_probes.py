@@ -83,9 +83,23 @@ def moe_profile(dtype: str, backend: str) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
-def gemm_layouts(dtype: str) -> None:
+def _print_interleaved_medians(cases: dict, rounds: int) -> None:
+    """Runs every case once per round, in turn (so each comparison is between calls made seconds apart),
+    and prints each case's median time."""
     import statistics
     import time
+
+    times = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        print(f"  {statistics.median(ts) * 1e3:7.2f} ms  {name}")
+
+
+def gemm_layouts(dtype: str) -> None:
 
     import torch
 
@@ -120,20 +134,11 @@ def gemm_layouts(dtype: str) -> None:
         "cpu backend weight grad, 1 thread (bf16: transposed copy of A + GEMM; fp32: GEMM on the view)": single_thread(
             lambda: cpu_ops().moe_grouped_mm_wgrad(dgu, xs, one, out)),
     }
-    times = {name: [] for name in cases}
-    for _ in range(15):
-        for name, fn in cases.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
     print(f"{dtype} GEMMs of one expert's share (T=4096, H=I=1024, E=8, k=2), median of 15 interleaved calls:")
-    for name, ts in times.items():
-        print(f"  {statistics.median(ts) * 1e3:7.2f} ms  {name}")
+    _print_interleaved_medians(cases, rounds=15)
 
 
 def _small_experts_case(experts: int, rows: int = 8192, k_dim: int = 1024, n_dim: int = 2048) -> None:
-    import statistics
-    import time
 
     import torch
 
@@ -156,16 +161,9 @@ def _small_experts_case(experts: int, rows: int = 8192, k_dim: int = 1024, n_dim
             mkldnn._reorder_linear_weight(w[e], m) for e in range(experts)],
         f"one call of {rows} rows": lambda: torch.mm(a, w[0].t(), out=out),
     }
-    times = {name: [] for name in cases}
-    for _ in range(7):
-        for name, fn in cases.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
     print(f"bf16 (rows x {k_dim}) @ W^T, W ({n_dim} x {k_dim}), {rows} rows in all, 1 thread, "
           "median of 7 interleaved:")
-    for name, ts in times.items():
-        print(f"  {statistics.median(ts) * 1e3:7.2f} ms  {name}")
+    _print_interleaved_medians(cases, rounds=7)
 
 
 def small_experts() -> None:
