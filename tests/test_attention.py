@@ -238,6 +238,27 @@ def test_auto_on_cpu_is_torch_and_env_override(monkeypatch):
         flash_attention(q, k, v)
 
 
+def test_auto_passes_triton_over_for_fp32(monkeypatch):
+    """auto's CUDA rule (flash_attn, triton, torch; triton for 16-bit only), run with the CPU's order set to
+    it: the Triton kernels run here under the interpreter, flash_attn is not installed."""
+    from moon_fast.backends import triton_unavailable
+    from moon_fast.ops.attention import BACKENDS, _resolve, _validate
+
+    if triton_unavailable(torch.device("cpu")):
+        pytest.skip(f"needs triton: {triton_unavailable(torch.device('cpu'))}")
+    monkeypatch.delenv("MOON_FAST_FLASH_ATTENTION_BACKEND", raising=False)
+    monkeypatch.setitem(BACKENDS.auto_order, "cpu", ("flash_attn", "triton", "torch"))
+    for dtype, expected in ((torch.bfloat16, "triton"), (torch.float16, "triton"), (torch.float32, "torch")):
+        q, k, v = make_qkv((1, 9, 2, 16), (1, 9, 2, 16), dtype, requires_grad=False)
+        p = _validate(q, k, v, True, None, None, None, None, None)
+        assert _resolve("auto", p).name == expected, dtype
+    # asked for by name, fp32 still runs on the Triton kernels
+    q, k, v = make_qkv((1, 9, 2, 16), (1, 9, 2, 16), torch.float32, requires_grad=False)
+    ref = flash_attention(q, k, v, causal=True, backend="reference")
+    assert_close(flash_attention(q, k, v, causal=True, backend="triton"), ref, **tolerance(torch.float32),
+                 name="triton fp32")
+
+
 def test_empty_inputs():
     q, k, v = make_qkv((0, 5, 2, 16), (0, 5, 2, 16), torch.float32)
     assert flash_attention(q, k, v).shape == (0, 5, 2, 16)

@@ -12,8 +12,8 @@ key/value head ``h // (Hq // Hkv)``). ``causal=True`` with ``Sq != Sk`` aligns t
 right as FlashAttention 2 does: query i sees keys ``j <= i + Sk - Sq``; a query row that sees no key
 (``Sq > Sk``) gets a zero output (and zero gradient), as in FlashAttention.
 
-Backends (``backend=``; ``auto`` = first usable of ``flash_attn, triton, sdpa`` on CUDA, ``torch`` on CPU;
-``MOON_FAST_FLASH_ATTENTION_BACKEND`` overrides ``auto``):
+Backends (``backend=``; ``auto`` = first usable of ``flash_attn, triton, torch`` on CUDA, ``torch`` on CPU,
+``triton`` only for fp16/bf16; ``MOON_FAST_FLASH_ATTENTION_BACKEND`` overrides ``auto``):
 
 * ``reference``: fp32 scores and softmax, S x S materialised per sequence (the test oracle).
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` as a user would call it; packed
@@ -22,7 +22,10 @@ Backends (``backend=``; ``auto`` = first usable of ``flash_attn, triton, sdpa`` 
   total x total mask), GQA through SDPA's ``enable_gqa`` (no K/V copies), bottom-right causal handled
   by row slicing or a query-chunked mask. Memory O(total * H * D + chunk * Sk).
 * ``triton``: our FA2-style kernels (kernels/flash_attention.py): online softmax, LSE saved for the
-  backward, dq/dk/dv kernels; causal, varlen, GQA; head dims up to 256; fp16/bf16/fp32.
+  backward, dq/dk/dv kernels; causal, varlen, GQA; head dims up to 256; fp16/bf16/fp32. fp32 uses exact
+  (non-tensor-core) products and is a correctness path on GPUs: compiled for sm_80/sm_90 its kernels spill
+  kilobytes of registers per thread (``python tests/aot_triton.py --arch 80 --full``), so ``auto`` does not
+  pick it.
 * ``flash_attn``: the FlashAttention 2 package, when installed (CUDA, fp16/bf16).
 
 Drop-in shims ``flash_attn_func`` / ``flash_attn_varlen_func`` take FlashAttention's signatures.
@@ -38,7 +41,9 @@ import torch
 
 from moon_fast.backends import BackendUnavailable, op_backends, package_unavailable, triton_unavailable
 
-BACKENDS = op_backends("flash_attention", {"cuda": ("flash_attn", "triton", "sdpa"), "cpu": ("torch",)})
+# After our kernels, CUDA falls back to `torch` (SDPA per equal-length group, O(total) memory), not to `sdpa`,
+# whose packed path builds a total x total mask.
+BACKENDS = op_backends("flash_attention", {"cuda": ("flash_attn", "triton", "torch"), "cpu": ("torch",)})
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -163,6 +168,17 @@ def _flash_attn_supports(p: AttnProblem) -> str | None:
 _SUPPORTS = {"triton": _triton_supports, "flash_attn": _flash_attn_supports}
 
 
+def _triton_auto(p: AttnProblem) -> str | None:
+    if p.q.dtype == torch.float32:
+        return ("auto does not pick it for float32 (a correctness path on GPUs: its kernels spill registers); "
+                "pass backend='triton' to use it anyway")
+    return None
+
+
+# Reasons for `auto` to pass a backend over that still runs when asked for by name.
+_AUTO_SKIP = {"triton": _triton_auto}
+
+
 def _import_backends() -> None:
     # Registered lazily so that importing moon_fast.ops stays cheap (no triton import).
     if "torch" in BACKENDS.backends:
@@ -199,7 +215,8 @@ def _resolve(backend: str, p: AttnProblem):
     if backend == "auto" and not os.environ.get(BACKENDS.env_var):
         reasons = []
         for name in BACKENDS.auto_order.get(dev.type, ("torch",)):
-            why = BACKENDS.why_unavailable(name, dev) or (_SUPPORTS[name](p) if name in _SUPPORTS else None)
+            why = (BACKENDS.why_unavailable(name, dev) or (_SUPPORTS[name](p) if name in _SUPPORTS else None)
+                   or (_AUTO_SKIP[name](p) if name in _AUTO_SKIP else None))
             if why is None:
                 return BACKENDS.backends[name]
             reasons.append(f"{name}: {why}")
