@@ -362,10 +362,14 @@ def _tiles(kind: str, head_dim_block: int, dtype: torch.dtype) -> tuple[int, int
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kind`` in fwd / dkdv / dq.
 
     Interpreter: ``INTERPRETER_TILES`` (cost = programs x loop steps). GPU: chosen from sm_90 register
-    reports (cuobjdump --dump-resource-usage of AOT-compiled kernels: no spill stack for bf16 at
-    head dims 64 and 80-128), not from timings: no GPU was available to tune them. dk/dv programs hold a
-    large key block and step through small query blocks; dq programs the reverse. fp32 (tests) and head
-    dims above 128 take small tiles (register pressure)."""
+    reports of kernels compiled ahead of time without the JIT's argument specialisation, not from timings:
+    no GPU was available to tune them. dk/dv programs hold a large key block and step through small query
+    blocks; dq programs the reverse. fp32 (tests) and head dims above 128 take small tiles (register
+    pressure). Compiled as the JIT compiles them (``python tests/aot_triton.py --arch 90 --full``,
+    benchmarks/results/2026-11-22-aot/), the 16-bit forward and dq kernels spill nothing at head dims
+    64-128 but the dk/dv kernel spills 96-316 bytes per thread at 80-128 on sm_90 (72 on sm_80); smaller
+    dk/dv tiles spill less but were not timed, so these stay until a GPU can time them. fp32 kernels spill
+    kilobytes, which is why ``auto`` does not pick this backend for fp32."""
     if interpreting():
         return INTERPRETER_TILES[0], INTERPRETER_TILES[1], 4, 1
     if dtype == torch.float32 or head_dim_block > 128:
