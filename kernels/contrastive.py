@@ -204,7 +204,7 @@ def _config(D: int, dtype: torch.dtype) -> dict:
     kernel for sm_90 offline with Triton 3.8, not by running it: no GPU was available)."""
     dp = max(16, next_power_of_2(D))
     if interpreting():
-        return dict(BR=32, BC=32, DP=dp, num_warps=4, num_stages=1)
+        return dict(BR=32, BC=32, DP=dp, num_warps=4, num_stages=1, BWD_STEP=None, BWD_WARPS=4)
     if dp > 1024:
         raise ValueError(f"contrastive_loss(backend='triton'): embedding dimension {D} > 1024 is not supported "
                          "by the fused kernels; use backend='torch' or 'cuda'")
@@ -215,7 +215,13 @@ def _config(D: int, dtype: torch.dtype) -> dict:
         br, bc, stages = (32, 32, 2) if wide else (32, 64, 2)
     else:
         br, bc, stages = (16, 16, 2) if wide else (16, 32, 2)
-    return dict(BR=br, BC=bc, DP=dp, num_warps=4 if dp <= 128 else 8, num_stages=stages)
+    warps = 4 if dp <= 128 else 8
+    # fp32 backward: exact (non-tensor-core) products hold bigger operand fragments, and with the forward's
+    # tiles ptxas spilled up to 14 KB per thread in _bwd_rows (sm_80, D=128). Stepping through 16 columns
+    # (rows, in _bwd_cols) at a time with 8 warps spills at most 4 bytes on sm_80 and sm_90 for D up to 1024
+    # (python tests/aot_triton.py --arch 80 --full; tests/test_contrastive_triton_compile.py checks it).
+    return dict(BR=br, BC=bc, DP=dp, num_warps=warps, num_stages=stages, BWD_STEP=16 if wide else None,
+                BWD_WARPS=8 if wide else warps)
 
 
 def _common(p: Problem):
@@ -254,7 +260,7 @@ class TritonLoss(torch.autograd.Function):
             _fwd_cols[(triton.cdiv(ncol, cfg["BC"]),)](rows, cols, scale_f, rg, rid, cg, cid, clse,
                                                        Nr, ncol, D, rows.stride(0), cols.stride(0), **meta)
             per_row = per_row + p.col_coef * (clse[p.pos] - spos)
-        ctx.p, ctx.meta, ctx.ncol = p, meta, ncol
+        ctx.p, ctx.meta, ctx.ncol, ctx.bwd = p, meta, ncol, (cfg["BWD_STEP"], cfg["BWD_WARPS"])
         ctx.save_for_backward(rows, cols, scale, scale_f, lse, clse)
         return p.segment_sum(per_row)
 
@@ -279,10 +285,12 @@ class TritonLoss(torch.autograd.Function):
         v = torch.full((Nr,), float("nan"), dtype=torch.float32, device=rows.device)
         dc = torch.full((Nc, D), float("nan"), dtype=torch.float32, device=rows.device)
         args = (rows, cols, scale_f, p.pos, rg, rid, cg, cid, lse, a, pos_coef, clse, b)
+        step, warps = ctx.bwd  # the backward's loop step and warps (_config)
+        meta_rows = {**meta, "BC": step or meta["BC"], "num_warps": warps}
         _bwd_rows[(triton.cdiv(Nr, meta["BR"]),)](*args, dr, v, Nr, Nc, ncol, D, rows.stride(0), cols.stride(0),
-                                                  SYM=p.symmetric, **meta)
+                                                  SYM=p.symmetric, **meta_rows)
         # _bwd_cols accumulates a (BC, DP) block: give it the row kernels' (register-sized) block height.
-        meta_cols = {**meta, "BC": meta["BR"]}
+        meta_cols = {**meta, "BC": meta["BR"], "BR": step or meta["BR"], "num_warps": warps}
         _bwd_cols[(triton.cdiv(Nc, meta_cols["BC"]),)](*args, dc, Nr, Nc, ncol, D, rows.stride(0), cols.stride(0),
                                                        SYM=p.symmetric, **meta_cols)
         dscale = v.sum().to(scale.dtype).reshape(scale.shape)

@@ -238,6 +238,25 @@ def test_backend_matches_reference_fp32(backend, case, reduction, n, m, d, scale
           floor=2e-6 * max(10.0, scale))
 
 
+@pytest.mark.parametrize("case", ["all", "sym_perm_groups"])
+def test_triton_backward_with_its_own_step(case, monkeypatch):
+    """On a GPU the fp32 backward kernels step through 16 columns (rows) at a time, not the forward's block
+    (kernels/contrastive.py _config, BWD_STEP): the same kernels under the interpreter with that step and
+    blocks of 32, at sizes that leave partial blocks, against the reference."""
+    import moon_fast.kernels.contrastive as kernels
+
+    _skip_unavailable("triton", torch.device("cpu"))
+    interpreter_config = kernels._config
+    monkeypatch.setattr(kernels, "_config", lambda d, dtype: {**interpreter_config(d, dtype), "BWD_STEP": 16})
+    gen = _gen("bwd_step", case)
+    n, m, d = 45, 71, 24
+    q, k, s = make_inputs(n, m, d, scale=30.0, gen=gen)
+    kw = options(case, n, m, gen)
+    up = _upstream("none", n, gen)
+    check(run("triton", q, k, s, upstream=up, reduction="none", **kw),
+          run("reference", q, k, s, upstream=up, reduction="none", **kw), floor=6e-5)
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_backend_low_precision(backend, dtype, device):

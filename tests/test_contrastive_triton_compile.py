@@ -1,6 +1,7 @@
 """The contrastive Triton kernels compile for real GPUs (sm_80, sm_90) as the JIT would compile the launches
-the loss really makes, with the block sizes the launcher picks, and fit in shared memory; checked offline
-(tests/aot_triton.py: no GPU needed). Catches GPU-only compile errors that the interpreter cannot see."""
+the loss really makes, with the block sizes the launcher picks, fit in shared memory and spill (almost) no
+registers; checked offline (tests/aot_triton.py: no GPU needed). Catches GPU-only compile errors and
+register blow-ups that the interpreter cannot see."""
 
 from __future__ import annotations
 
@@ -19,3 +20,7 @@ def test_triton_kernels_compile_for_gpu_ahead_of_time(arch, tmp_path):
     expected = {(name, dtype_name[dt], d) for dt, d in CI["contrastive"]
                 for name in ("_fwd_rows", "_fwd_cols", "_bwd_rows", "_bwd_cols")}
     assert compiled == expected, kernels
+    # Register spills: the fp32 backward once spilled 14 KB per thread (sm_80, D=128) with the forward's
+    # tiles. A few bytes are harmless; kilobytes mean local-memory traffic on every tile.
+    for k in kernels:
+        assert k["spills"] <= 64, k
