@@ -216,11 +216,14 @@ def _config(D: int, dtype: torch.dtype) -> dict:
     else:
         br, bc, stages = (16, 16, 2) if wide else (16, 32, 2)
     warps = 4 if dp <= 128 else 8
-    # fp32 backward: exact (non-tensor-core) products hold bigger operand fragments, and with the forward's
-    # tiles ptxas spilled up to 14 KB per thread in _bwd_rows (sm_80, D=128). Stepping through 16 columns
-    # (rows, in _bwd_cols) at a time with 8 warps spills at most 4 bytes on sm_80 and sm_90 for D up to 1024
-    # (python tests/aot_triton.py --arch 80 --full; tests/test_contrastive_triton_compile.py checks it).
-    return dict(BR=br, BC=bc, DP=dp, num_warps=warps, num_stages=stages, BWD_STEP=16 if wide else None,
+    # The backward kernels step through columns (_bwd_rows) or rows (_bwd_cols) BWD_STEP at a time. With
+    # the forward's block sizes ptxas spilled registers: up to 14 KB per thread in the fp32 _bwd_rows (exact,
+    # non-tensor-core products hold bigger operand fragments; sm_80, D=128) and 296 bytes in the 16-bit
+    # _bwd_cols (sm_90, D=256). A step of 16 with 8 warps (fp32), 32 (16-bit, D <= 256) spills at most 4 bytes
+    # on sm_80 and sm_90 for D up to 1024 (python tests/aot_triton.py --arch 90 --full --ops contrastive;
+    # tests/test_contrastive_triton_compile.py checks it). Chosen from compiles, not timings: no GPU here.
+    step = 16 if wide else (32 if dp <= 256 else None)
+    return dict(BR=br, BC=bc, DP=dp, num_warps=warps, num_stages=stages, BWD_STEP=step,
                 BWD_WARPS=8 if wide else warps)
 
 
