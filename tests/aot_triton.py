@@ -10,8 +10,10 @@ or TMA stages in shared memory) must fit the GPU, and the one a GPU would run.
 
     python tests/aot_triton.py --arch 80 [--full] [--ops moe,attention,contrastive]   # a report
 
-The tests (test_*_compile*) run the small ``ci`` configurations in a child process (``run_child``);
-``--full`` compiles every configuration in ``FULL`` (minutes per op and arch).
+The tests (test_*_compile*) run the small ``CI`` configurations in a child process (``run_child``);
+``--full`` compiles every configuration in ``FULL`` (minutes per op and arch). It reaches into Triton's
+launcher (``JITFunction.run``, ``_pack_args``, ``create_function_from_signature``; Triton 3.8), which a
+Triton upgrade may change: the tests then fail loudly rather than pass.
 """
 
 from __future__ import annotations
