@@ -151,13 +151,19 @@ def _validate(q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_se
 
 # ----------------------------------------------------------------------------- backends
 
-def _triton_supports(p: AttnProblem) -> str | None:
+# Each returns why its backend should not take this problem, or None. ``auto``: the choice is auto's, which
+# also passes over a backend that runs the problem but is not the fast path for it.
+
+def _triton_supports(p: AttnProblem, auto: bool = False) -> str | None:
     if p.q.shape[-1] > 256:
         return f"the triton backend supports head dims up to 256, got {p.q.shape[-1]}"
+    if auto and p.q.dtype == torch.float32:
+        return ("auto does not pick it for float32 (a correctness path on GPUs: its kernels spill registers); "
+                "pass backend='triton' to use it anyway")
     return None
 
 
-def _flash_attn_supports(p: AttnProblem) -> str | None:
+def _flash_attn_supports(p: AttnProblem, auto: bool = False) -> str | None:
     if p.q.dtype not in (torch.float16, torch.bfloat16):
         return f"flash_attn supports float16/bfloat16 only, got {p.q.dtype}"
     if p.q.shape[-1] > 256 or p.q.shape[-1] % 8:
@@ -166,17 +172,6 @@ def _flash_attn_supports(p: AttnProblem) -> str | None:
 
 
 _SUPPORTS = {"triton": _triton_supports, "flash_attn": _flash_attn_supports}
-
-
-def _triton_auto(p: AttnProblem) -> str | None:
-    if p.q.dtype == torch.float32:
-        return ("auto does not pick it for float32 (a correctness path on GPUs: its kernels spill registers); "
-                "pass backend='triton' to use it anyway")
-    return None
-
-
-# Reasons for `auto` to pass a backend over that still runs when asked for by name.
-_AUTO_SKIP = {"triton": _triton_auto}
 
 
 def _import_backends() -> None:
@@ -215,8 +210,7 @@ def _resolve(backend: str, p: AttnProblem):
     if backend == "auto" and not os.environ.get(BACKENDS.env_var):
         reasons = []
         for name in BACKENDS.auto_order.get(dev.type, ("torch",)):
-            why = (BACKENDS.why_unavailable(name, dev) or (_SUPPORTS[name](p) if name in _SUPPORTS else None)
-                   or (_AUTO_SKIP[name](p) if name in _AUTO_SKIP else None))
+            why = BACKENDS.why_unavailable(name, dev) or (_SUPPORTS[name](p, auto=True) if name in _SUPPORTS else None)
             if why is None:
                 return BACKENDS.backends[name]
             reasons.append(f"{name}: {why}")
