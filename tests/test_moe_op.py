@@ -121,6 +121,38 @@ def test_backend_matches_reference(backend, case, dtype):
     check_against_fp32_oracle(got, ref_lp, ref32, dtype)
 
 
+# ----------------------------------------------------------------------------- on a CUDA GPU
+
+# The CPU cases plus two at GPU tile sizes: several 128-row tiles per expert with K loops of several steps
+# (the aligned, software-pipelined fast path), and widths that are no multiple of 16 (the masked path).
+GPU_CASES = CASES + [
+    ("gpu_aligned", 1000, 256, 192, 8, 2, "random"),
+    ("gpu_unaligned", 333, 200, 72, 5, 3, "random"),
+]
+GPU_BACKENDS = ["torch", "grouped_mm", "triton", "cuda", "grouped_gemm", "megablocks"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_backend_matches_reference_on_cuda(backend, case, dtype):
+    """The GPU kernels (Triton tiles, csrc routing/permute, cuBLAS / grouped_mm GEMMs) against the
+    reference run on the same GPU, with the fp32 reference as the oracle; the peers skip when their package
+    is missing."""
+    reason = BACKENDS.why_unavailable(backend, "cuda")
+    if reason and backend in ("grouped_gemm", "megablocks"):
+        pytest.skip(f"{backend}: package not installed on this GPU machine: {reason}")
+    assert reason is None, f"{backend} should run on a CUDA GPU: {reason}"
+    _, t, h, i, e, k, routing = case
+    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=hash(case) % 1000)
+    tensors, idx, grad_out = [x.cuda() for x in tensors], idx.cuda(), grad_out.cuda()
+    ref32 = run("reference", tensors, idx, grad_out)
+    ref_lp = run("reference", tensors, idx, grad_out, dtype)
+    got = run(backend, tensors, idx, grad_out, dtype)
+    check_against_fp32_oracle(got, ref_lp, ref32, dtype)
+
+
 # ----------------------------------------------------------------------------- transformers' experts
 
 def hf_experts(gate_up, down, implementation):

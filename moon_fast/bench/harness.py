@@ -89,6 +89,9 @@ class Result:
 # ----------------------------------------------------------------------------- machine description
 
 def git_commit() -> str | None:
+    """Short HEAD (+"-dirty"); where the tree is a copy without .git (a lent GPU machine), $MOON_FAST_COMMIT."""
+    if os.environ.get("MOON_FAST_COMMIT"):
+        return os.environ["MOON_FAST_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
