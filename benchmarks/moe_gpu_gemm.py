@@ -68,17 +68,17 @@ def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, ba
     r = plan.routing
     w_sorted = weight.reshape(-1).index_select(0, r.perm)
     h_act, gu = swiglu_up(plan, hidden, gate_up, store_gu=True)
-    _, dgu = grouped_rows(plan, grad, down, i, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
+    _, dgu = grouped_rows(plan, "dh_swiglu", grad, down, i, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
 
     def triton_fwd():
         act, _ = swiglu_up(plan, hidden, gate_up, store_gu=True)
-        grouped_rows(plan, act, down.transpose(1, 2), h, c_idx=r.perm)
+        grouped_rows(plan, "down_fwd", act, down.transpose(1, 2), h, c_idx=r.perm)
 
     def triton_bwd():
-        grouped_rows(plan, grad, down, i, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
-        grouped_wgrad(plan, grad, h_act, a_idx=r.token, a_scale=w_sorted)
-        grouped_wgrad(plan, dgu, hidden, b_idx=r.token)
-        grouped_rows(plan, dgu, gate_up, h, c_idx=r.perm)
+        grouped_rows(plan, "dh_swiglu", grad, down, i, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
+        grouped_wgrad(plan, "wgrad_down", grad, h_act, a_idx=r.token, a_scale=w_sorted)
+        grouped_wgrad(plan, "wgrad_gate_up", dgu, hidden, b_idx=r.token)
+        grouped_rows(plan, "dx", dgu, gate_up, h, c_idx=r.perm)
 
     rows = []
     shape = {"T": t, "H": h, "I": i, "E": e, "k": k, "dtype": str(dtype).replace("torch.", "")}

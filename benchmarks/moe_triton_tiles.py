@@ -45,7 +45,7 @@ def _ms(fn) -> float:
 
 
 def sweep_shape(t, h, i, e, k, dtype, dev="cuda") -> list[dict]:
-    from moon_fast.kernels.moe import _Plan, grouped_rows, grouped_wgrad, swiglu_up, tile_schedule
+    from moon_fast.kernels.moe import _Plan, grouped_rows, grouped_wgrad, swiglu_up
 
     from moon_fast.ops.moe_routing import route
 
@@ -56,40 +56,38 @@ def sweep_shape(t, h, i, e, k, dtype, dev="cuda") -> list[dict]:
     base = _Plan(routing, dtype)
     w_sorted = weight.reshape(-1).index_select(0, routing.perm)
     h_act, gu = swiglu_up(base, hidden, gate_up, store_gu=True)
-    _, dgu = grouped_rows(base, grad, down, i, a_idx=routing.token, a_scale=w_sorted, swiglu_gu=gu)
+    _, dgu = grouped_rows(base, "dh_swiglu", grad, down, i, a_idx=routing.token, a_scale=w_sorted, swiglu_gu=gu)
     r = routing
 
-    def plan_for(cfg, swiglu):
-        bm, bn, bk, warps, stages = cfg
+    def plan_for(name, cfg):
         p = _Plan(routing, dtype)
-        p.cfg = {"BM": bm, "BN": bn, "BN_SWIGLU": bn if swiglu else base.cfg["BN_SWIGLU"], "BK": bk,
-                 "num_warps": warps, "num_stages": stages}
-        p.tile_expert, p.tile_row, p.n_tiles = tile_schedule(routing, bm)
+        p.cfg = {**p.cfg, name: dict(zip(("BM", "BN", "BK", "num_warps", "num_stages"), cfg))}
+        p.schedule(cfg[0])  # made before timing, as the op makes it once per call
         return p
 
     rnd = lambda *shape: torch.randn(*shape, dtype=dtype, device=dev)  # noqa: E731
     x, a1, d1, d2 = rnd(s, h), rnd(s, i), rnd(s, 2 * i), rnd(s, h)
     w1, w2 = rnd(h, 2 * i), rnd(i, h)
     launches = {
-        "swiglu_up": (SWIGLU, True, lambda p: swiglu_up(p, hidden, gate_up, store_gu=True), lambda: x @ w1,
+        "swiglu_up": (SWIGLU, lambda p: swiglu_up(p, hidden, gate_up, store_gu=True), lambda: x @ w1,
                       2 * s * h * 2 * i),
-        "down_fwd": (ROWS, False, lambda p: grouped_rows(p, h_act, down.transpose(1, 2), h, c_idx=r.perm),
+        "down_fwd": (ROWS, lambda p: grouped_rows(p, "down_fwd", h_act, down.transpose(1, 2), h, c_idx=r.perm),
                      lambda: a1 @ w2, 2 * s * i * h),
-        "dh_swiglu": (SWIGLU, True, lambda p: grouped_rows(p, grad, down, i, a_idx=r.token, a_scale=w_sorted,
+        "dh_swiglu": (SWIGLU, lambda p: grouped_rows(p, "dh_swiglu", grad, down, i, a_idx=r.token, a_scale=w_sorted,
                                                            swiglu_gu=gu), lambda: d2 @ w2.t(), 2 * s * h * i),
-        "wgrad_down": (WGRAD, False, lambda p: grouped_wgrad(p, grad, h_act, a_idx=r.token, a_scale=w_sorted),
+        "wgrad_down": (WGRAD, lambda p: grouped_wgrad(p, "wgrad_down", grad, h_act, a_idx=r.token, a_scale=w_sorted),
                        lambda: a1.t() @ d2, 2 * s * h * i),
-        "wgrad_gate_up": (WGRAD, False, lambda p: grouped_wgrad(p, dgu, hidden, b_idx=r.token),
+        "wgrad_gate_up": (WGRAD, lambda p: grouped_wgrad(p, "wgrad_gate_up", dgu, hidden, b_idx=r.token),
                           lambda: x.t() @ d1, 2 * s * h * 2 * i),
-        "dx": (ROWS, False, lambda p: grouped_rows(p, dgu, gate_up, h, c_idx=r.perm), lambda: d1 @ w1.t(),
+        "dx": (ROWS, lambda p: grouped_rows(p, "dx", dgu, gate_up, h, c_idx=r.perm), lambda: d1 @ w1.t(),
                2 * s * h * 2 * i),
     }
     rows = []
     tag = f"{str(dtype).replace('torch.', '')} T={t} E={e}"
-    for name, (configs, swiglu, launch, dense, flops) in launches.items():
+    for name, (configs, launch, dense, flops) in launches.items():
         dense_ms = _ms(dense)
         for cfg in configs:
-            p = plan_for(cfg, swiglu)
+            p = plan_for(name, cfg)
             row = {"T": t, "H": h, "I": i, "E": e, "k": k, "dtype": str(dtype), "launch": name,
                    "config": list(cfg), "dense_ms": dense_ms}
             try:
@@ -120,7 +118,11 @@ def overhead(t, h, i, e, k, dtype, backends) -> list[dict]:
         def op(b=b):
             out = moe_mlp(hidden, idx, weight, gate_up, down, backend=b)
             torch.autograd.grad(out, leaves, grad)
-        op()
+        try:
+            op()
+        except Exception as exc:  # noqa: BLE001  e.g. the cuda backend not built: the others still run
+            print(f"overhead {b}: {type(exc).__name__}: {exc}", flush=True)
+            continue
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(20):
@@ -165,6 +167,10 @@ def main(argv=None) -> int:
     print("\nbest per launch:")
     for (name, t, e), row in best.items():
         print(f"  {name:14s} T={t} E={e}: {row['config']} {row['ms']:.3f} ms, {row['pct_of_dense']:.1f}% of dense")
+    # the first shape's best, as $MOON_FAST_MOE_TILES takes it (kernels/moe.py tile_sizes)
+    first = next(iter(best))[1:] if best else None
+    with open(os.path.join(args.out, f"best_tiles_{args.dtype}.json"), "w") as f:
+        json.dump({name: row["config"] for (name, *shape), row in best.items() if tuple(shape) == first}, f)
     return 0
 
 

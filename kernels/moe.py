@@ -13,11 +13,14 @@ Kernels (shapes above each):
   backward in the epilogue (dgate, dup and the recomputed h).
 * ``_grouped_wgrad_kernel``: dW[e] = (scale * A[a_idx])^T B[b_idx] over expert e's rows (zero when it has
   none): the weight gradients.
-The k contributions of each token are combined by a (1 x k) @ (k x H) bmm per token in torch, which
-is deterministic and also gives the gradient of the routing weights.
+The k contributions of each token are combined in torch (elementwise, fp32 accumulation), which is
+deterministic and also gives the gradient of the routing weights.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 import triton
@@ -33,19 +36,42 @@ def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
-def tile_sizes(dtype: torch.dtype) -> dict:
-    """BM, BN, BK, warps, stages. Small tiles under the interpreter (cost grows with program instances x
-    loop steps); tensor-core-sized tiles on a GPU (the SwiGLU kernel halves BN: it holds two
-    accumulators)."""
+# The six launches of one forward + backward, each with its own tiles (benchmarks/moe_triton_tiles.py times
+# them one by one against the dense cuBLAS product of the same FLOPs).
+LAUNCHES = ("swiglu_up", "down_fwd", "dh_swiglu", "wgrad_down", "wgrad_gate_up", "dx")
+_TILE_KEYS = ("BM", "BN", "BK", "num_warps", "num_stages")
+TILES_ENV = "MOON_FAST_MOE_TILES"
+
+
+def _tiles(bm, bn, bk, warps, stages) -> dict:
+    return dict(zip(_TILE_KEYS, (bm, bn, bk, warps, stages)))
+
+
+def tile_sizes(dtype: torch.dtype) -> dict[str, dict]:
+    """{launch: {BM, BN, BK, num_warps, num_stages}}. Small tiles under the interpreter (cost grows with
+    program instances x loop steps); tensor-core-sized tiles on a GPU. The SwiGLU launches' BN is per
+    accumulator (they hold two). ``$MOON_FAST_MOE_TILES`` (JSON {launch: [BM, BN, BK, warps, stages]})
+    overrides launches on a GPU, for tuning."""
     if interpreting():
-        return {"BM": 16, "BN": 16, "BN_SWIGLU": 16, "BK": 16, "num_warps": 4, "num_stages": 1}
-    # BN_SWIGLU also serves the backward rows kernel with the SwiGLU epilogue (it loads two more tiles)
+        return {name: _tiles(16, 16, 16, 4, 1) for name in LAUNCHES}
     if dtype == torch.float32:
         # Exact fp32 dots (no tensor cores) hold larger operand fragments: with 128-row tiles ptxas spilled
         # registers on sm_80 (740 bytes in the SwiGLU kernel); 64-row tiles spill none on sm_80 or sm_90
         # (python tests/aot_triton.py --arch 80; tests/test_moe_triton_compile.py checks it).
-        return {"BM": 64, "BN": 128, "BN_SWIGLU": 64, "BK": 32, "num_warps": 8, "num_stages": 3}
-    return {"BM": 128, "BN": 128, "BN_SWIGLU": 64, "BK": 64, "num_warps": 8, "num_stages": 3}
+        rows, swiglu, wgrad = _tiles(64, 128, 32, 8, 3), _tiles(64, 64, 32, 8, 3), _tiles(64, 128, 32, 8, 3)
+    else:
+        rows, swiglu, wgrad = _tiles(128, 128, 64, 8, 3), _tiles(128, 64, 64, 8, 3), _tiles(128, 128, 64, 8, 3)
+    out = {"swiglu_up": swiglu, "down_fwd": rows, "dh_swiglu": swiglu, "wgrad_down": wgrad,
+           "wgrad_gate_up": wgrad, "dx": rows}
+    override = os.environ.get(TILES_ENV)
+    if override:
+        try:
+            table = json.loads(override)
+            out.update({name: _tiles(*table[name]) for name in table if name in out})
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"${TILES_ENV} must be JSON {{launch: [BM, BN, BK, num_warps, num_stages]}} with "
+                             f"launches among {LAUNCHES}; got {override!r} ({exc})") from exc
+    return out
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -224,21 +250,24 @@ def _grouped_wgrad_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, b_idx_ptr, c_ptr
 # ----------------------------------------------------------------------------- launchers
 
 class _Plan:
-    """Routing, tile schedule and launch constants shared by the forward and backward launches."""
+    """Routing, tile schedules and launch constants shared by the forward and backward launches."""
 
     def __init__(self, routing: Routing, dtype: torch.dtype):
         self.routing = routing
         self.cfg = tile_sizes(dtype)
-        self.tile_expert, self.tile_row, self.n_tiles = tile_schedule(routing, self.cfg["BM"])
+        self._schedules: dict[int, tuple] = {}  # BM -> tile_schedule(routing, BM), made once per plan
         self.ends = routing.offsets
         self.bounds = torch.cat([routing.offsets.new_zeros(1), routing.offsets])
         self.compute = compute_dtype_for(dtype)
         self.precision = _precision(dtype)
 
-    def launch_opts(self) -> dict:
-        c = self.cfg
-        return {"BM": c["BM"], "BN": c["BN"], "BK": c["BK"], "num_warps": c["num_warps"],
-                "num_stages": c["num_stages"], "COMPUTE": self.compute, "PRECISION": self.precision}
+    def schedule(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if block_m not in self._schedules:
+            self._schedules[block_m] = tile_schedule(self.routing, block_m)
+        return self._schedules[block_m]
+
+    def launch_opts(self, launch: str) -> dict:
+        return {**self.cfg[launch], "COMPUTE": self.compute, "PRECISION": self.precision}
 
 
 def swiglu_up(plan: _Plan, hidden, gate_up_proj, store_gu: bool):
@@ -246,39 +275,41 @@ def swiglu_up(plan: _Plan, hidden, gate_up_proj, store_gu: bool):
     s, inter = plan.routing.num_slots, gate_up_proj.shape[1] // 2
     h = _empty((s, inter), hidden)
     gu = _empty((s, 2 * inter), hidden) if store_gu else h  # dummy pointer when not stored
-    opts = {**plan.launch_opts(), "BN": plan.cfg["BN_SWIGLU"]}
-    grid = (plan.n_tiles, triton.cdiv(inter, opts["BN"]))
-    _swiglu_up_kernel[grid](hidden, plan.routing.token, gate_up_proj, h, gu, plan.tile_expert, plan.tile_row,
+    opts = plan.launch_opts("swiglu_up")
+    tile_expert, tile_row, n_tiles = plan.schedule(opts["BM"])
+    grid = (n_tiles, triton.cdiv(inter, opts["BN"]))
+    _swiglu_up_kernel[grid](hidden, plan.routing.token, gate_up_proj, h, gu, tile_expert, tile_row,
                             plan.ends, hidden.shape[1], inter, hidden.stride(0), gate_up_proj.stride(0),
                             gate_up_proj.stride(1), STORE_GU=store_gu, **opts)
     return h, (gu if store_gu else None)
 
 
-def grouped_rows(plan: _Plan, a, b, n, *, a_idx=None, a_scale=None, c_idx=None, swiglu_gu=None, out_rows=None):
+def grouped_rows(plan: _Plan, launch: str, a, b, n, *, a_idx=None, a_scale=None, c_idx=None, swiglu_gu=None,
+                 out_rows=None):
     """C (out_rows, n) with C[c_idx[r] or r] = (a_scale[r] * a[a_idx[r] or r]) @ b[e], b (E, K, N) any
-    strides. With ``swiglu_gu`` (S, 2I): returns (h (S, I), dgu (S, 2I)) from dh = the product."""
+    strides. With ``swiglu_gu`` (S, 2I): returns (h (S, I), dgu (S, 2I)) from dh = the product.
+    ``launch``: which of LAUNCHES this is (its tiles)."""
     s = plan.routing.num_slots
     k = a.shape[1]
     c = _empty((out_rows or s, n), a)
     dgu = _empty(swiglu_gu.shape, a) if swiglu_gu is not None else c
-    opts = plan.launch_opts()
-    if swiglu_gu is not None:
-        opts["BN"] = plan.cfg["BN_SWIGLU"]
-    grid = (plan.n_tiles, triton.cdiv(n, opts["BN"]))
+    opts = plan.launch_opts(launch)
+    tile_expert, tile_row, n_tiles = plan.schedule(opts["BM"])
+    grid = (n_tiles, triton.cdiv(n, opts["BN"]))
     _grouped_rows_kernel[grid](
         a, a_idx if a_idx is not None else plan.ends, a_scale if a_scale is not None else a, b, c,
         c_idx if c_idx is not None else plan.ends, swiglu_gu if swiglu_gu is not None else c, dgu,
-        plan.tile_expert, plan.tile_row, plan.ends, n, k, a.stride(0), b.stride(0), b.stride(1), b.stride(2),
+        tile_expert, tile_row, plan.ends, n, k, a.stride(0), b.stride(0), b.stride(1), b.stride(2),
         c.stride(0), A_GATHER=a_idx is not None, A_SCALE=a_scale is not None, C_SCATTER=c_idx is not None,
         SWIGLU_BWD=swiglu_gu is not None, **opts)
     return (c, dgu) if swiglu_gu is not None else c
 
 
-def grouped_wgrad(plan: _Plan, a, b, *, a_idx=None, a_scale=None, b_idx=None):
+def grouped_wgrad(plan: _Plan, launch: str, a, b, *, a_idx=None, a_scale=None, b_idx=None):
     """(E, M, N): per expert e, sum over its rows r of (a_scale[r] a[a_idx[r]])^T b[b_idx[r]]."""
     m, n, e = a.shape[1], b.shape[1], plan.routing.num_experts
     c = _empty((e, m, n), a)
-    opts = plan.launch_opts()
+    opts = plan.launch_opts(launch)
     grid = (e, triton.cdiv(m, opts["BM"]), triton.cdiv(n, opts["BN"]))
     _grouped_wgrad_kernel[grid](
         a, a_idx if a_idx is not None else plan.ends, a_scale if a_scale is not None else a, b,
@@ -289,6 +320,14 @@ def grouped_wgrad(plan: _Plan, a, b, *, a_idx=None, a_scale=None, b_idx=None):
 
 # ----------------------------------------------------------------------------- autograd
 
+def _combine(y_tok: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y_tok (T, k, H), weight (T, k) -> (T, H) = sum_j weight[t, j] y_tok[t, j], accumulated in fp32.
+    Elementwise rather than a (1 x k) @ (k x H) bmm per token: on an H100 (torch 2.11) that bmm took about
+    2 ms of host time per call (benchmarks/results/2026-11-22-h100/moe_overhead_before.txt)."""
+    return (y_tok.float() * weight.float().unsqueeze(-1)).sum(1).to(y_tok.dtype)
+
+
+
 class MoeMlpTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
@@ -298,9 +337,9 @@ class MoeMlpTriton(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad)
         h, gu = swiglu_up(plan, hidden, gate_up_proj, store_gu=need_grad)
         # y in slot order (t * k + j): the scatter is fused into the down GEMM's stores
-        y_slot = grouped_rows(plan, h, down_proj.transpose(1, 2), hdim, c_idx=plan.routing.perm)
+        y_slot = grouped_rows(plan, "down_fwd", h, down_proj.transpose(1, 2), hdim, c_idx=plan.routing.perm)
         y_tok = y_slot.view(t, k, hdim)
-        out = torch.bmm(expert_weight.view(t, 1, k), y_tok).view(t, hdim)
+        out = _combine(y_tok, expert_weight)
         ctx.plan = plan
         ctx.save_for_backward(hidden, expert_weight, gate_up_proj, down_proj, gu, y_tok)
         return out
@@ -317,18 +356,19 @@ class MoeMlpTriton(torch.autograd.Function):
         dout = dout.contiguous()
         d_hidden = d_weight = d_gate_up = d_down = None
         if need_w:
-            d_weight = torch.bmm(y_tok, dout.view(t, hdim, 1)).view(t, k)
+            d_weight = (y_tok.float() * dout.float().unsqueeze(1)).sum(-1).to(expert_weight.dtype)
         if need_x or need_gu or need_down:
             w_sorted = expert_weight.reshape(-1).index_select(0, r.perm)
             # dh = (w * dout[token]) @ down[e]; the epilogue turns it into dgu and recomputes h
-            h, dgu = grouped_rows(plan, dout, down_proj, inter, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
+            h, dgu = grouped_rows(plan, "dh_swiglu", dout, down_proj, inter, a_idx=r.token, a_scale=w_sorted,
+                                      swiglu_gu=gu)
             if need_down:
-                d_down = grouped_wgrad(plan, dout, h, a_idx=r.token, a_scale=w_sorted)
+                d_down = grouped_wgrad(plan, "wgrad_down", dout, h, a_idx=r.token, a_scale=w_sorted)
             del h
             if need_gu:
-                d_gate_up = grouped_wgrad(plan, dgu, hidden, b_idx=r.token)
+                d_gate_up = grouped_wgrad(plan, "wgrad_gate_up", dgu, hidden, b_idx=r.token)
             if need_x:
-                dx_slot = grouped_rows(plan, dgu, gate_up_proj, hdim, c_idx=r.perm)
+                dx_slot = grouped_rows(plan, "dx", dgu, gate_up_proj, hdim, c_idx=r.perm)
                 d_hidden = dx_slot.view(t, k, hdim).sum(1)
         return d_hidden, None, d_weight, d_gate_up, d_down
 
