@@ -108,16 +108,22 @@ def sweep_shape(t, h, i, e, k, dtype, dev="cuda") -> list[dict]:
 
 def overhead(t, h, i, e, k, dtype, backends) -> list[dict]:
     """Host time per fwd+bwd call (no synchronisation inside the loop) against device time (do_bench):
-    host >= device means the op is launch-bound at this size. Prints the top host-time ops of one call."""
+    host >= device means the op is launch-bound at this size. Also the first backend with its
+    expert-range check off (the check is a device assert; this shows whether it blocks the host), and the
+    host-time ops of one profiled call, with the Python stacks of the slowest."""
+    import moon_fast.ops.moe as moe_op
     from moon_fast.ops import moe_mlp
 
     hidden, idx, weight, gate_up, down, grad = make_problem(t, h, i, e, k, dtype, torch.device("cuda"))
     leaves = [x.requires_grad_() for x in (hidden, weight, gate_up, down)]
     out_rows = []
-    for b in backends:
+    check = moe_op._check_expert_range
+    variants = [(b, False) for b in backends] + [(backends[0], True)]
+    for b, no_check in variants:
         def op(b=b):
             out = moe_mlp(hidden, idx, weight, gate_up, down, backend=b)
             torch.autograd.grad(out, leaves, grad)
+        moe_op._check_expert_range = (lambda *a: None) if no_check else check
         try:
             op()
         except Exception as exc:  # noqa: BLE001  e.g. the cuda backend not built: the others still run
@@ -130,15 +136,19 @@ def overhead(t, h, i, e, k, dtype, backends) -> list[dict]:
         host_ms = (time.perf_counter() - t0) / 20 * 1e3
         torch.cuda.synchronize()
         dev_ms = _ms(op)
-        print(f"overhead {b} T={t}: host {host_ms:.3f} ms per call, device {dev_ms:.3f} ms", flush=True)
-        out_rows.append({"backend": b, "T": t, "E": e, "host_ms": host_ms, "device_ms": dev_ms})
-        if b == backends[0]:
+        name = b + (" (expert-range check off)" if no_check else "")
+        print(f"overhead {name} T={t}: host {host_ms:.3f} ms per call, device {dev_ms:.3f} ms", flush=True)
+        out_rows.append({"backend": name, "T": t, "E": e, "host_ms": host_ms, "device_ms": dev_ms})
+        if b == backends[0] and not no_check:
             from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
                 op()
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+            print(prof.key_averages(group_by_stack_n=8).table(sort_by="self_cpu_time_total", row_limit=4),
+                  flush=True)
+    moe_op._check_expert_range = check
     return out_rows
 
 
@@ -154,7 +164,7 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, f"moe_triton_tiles_{args.dtype}.json")
     if args.overhead:
         res["overhead"] = overhead(4096, 1024, 1024, 8, 2, DTYPES[args.dtype], ["triton", "cuda", "torch"])
-    for shp in args.shapes.split(","):
+    for shp in filter(None, args.shapes.split(",")):
         t, e = (int(v) for v in shp.split("x"))
         res["rows"] += sweep_shape(t, 1024, 1024, e, 2, DTYPES[args.dtype])
         with open(path, "w") as f:

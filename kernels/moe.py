@@ -59,10 +59,18 @@ def tile_sizes(dtype: torch.dtype) -> dict[str, dict]:
         # registers on sm_80 (740 bytes in the SwiGLU kernel); 64-row tiles spill none on sm_80 or sm_90
         # (python tests/aot_triton.py --arch 80; tests/test_moe_triton_compile.py checks it).
         rows, swiglu, wgrad = _tiles(64, 128, 32, 8, 3), _tiles(64, 64, 32, 8, 3), _tiles(64, 128, 32, 8, 3)
+        out = {"swiglu_up": swiglu, "down_fwd": rows, "dh_swiglu": swiglu, "wgrad_down": wgrad,
+               "wgrad_gate_up": wgrad, "dx": rows}
     else:
-        rows, swiglu, wgrad = _tiles(128, 128, 64, 8, 3), _tiles(128, 64, 64, 8, 3), _tiles(128, 128, 64, 8, 3)
-    out = {"swiglu_up": swiglu, "down_fwd": rows, "dh_swiglu": swiglu, "wgrad_down": wgrad,
-           "wgrad_gate_up": wgrad, "dx": rows}
+        # The fastest of benchmarks/moe_triton_tiles.py's candidates on an H100 (bf16, T=16384, E=8,
+        # H=I=1024; benchmarks/results/2026-11-22-h100/moe_triton_tiles_bf16.txt) among those that fit an
+        # A100's 163 KiB of shared memory and spill no registers (tests/test_moe_triton_compile.py).
+        # The SwiGLU launches keep (128, 64): in swiglu_up (128, 128) spilled 12 bytes and was within 2
+        # points (with a 4th stage 4 points better, but 192 KiB); in dh_swiglu, (64, 128, 4 warps) spilled
+        # 1.3 KB and was within 2 points (all its candidates ran at 14-20% of dense: see the README).
+        out = {"swiglu_up": _tiles(128, 64, 64, 8, 3), "down_fwd": _tiles(128, 256, 64, 8, 3),
+               "dh_swiglu": _tiles(128, 64, 64, 8, 3), "wgrad_down": _tiles(128, 128, 64, 4, 3),
+               "wgrad_gate_up": _tiles(128, 128, 64, 8, 4), "dx": _tiles(128, 256, 64, 8, 3)}
     override = os.environ.get(TILES_ENV)
     if override:
         try:
