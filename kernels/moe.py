@@ -131,7 +131,7 @@ def _row_tile(tile_expert_ptr, tile_row_ptr, ends_ptr, BM: tl.constexpr):
 # x (T, H) rows gathered by token (S,); w (E, 2I, H) gate rows first -> h (S, I), gu (S, 2I)
 @triton.jit
 def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
-                      H, INTER, stride_xm, stride_we, stride_wn,
+                      H, INTER, stride_xm, stride_we, stride_wn, stride_wk,
                       STORE_GU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
     e, rows, rmask = _row_tile(tile_expert_ptr, tile_row_ptr, ends_ptr, BM)
@@ -144,7 +144,7 @@ def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, tile_expert_ptr, t
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     offs_k = tl.arange(0, BK)
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-    wg_ptrs = w_ptr + e * stride_we + cols[None, :] * stride_wn + offs_k[:, None]
+    wg_ptrs = w_ptr + e * stride_we + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
     wu_ptrs = wg_ptrs + INTER * stride_wn
     for k0 in range(0, H, BK):
         kmask = (k0 + offs_k) < H
@@ -155,8 +155,8 @@ def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, tile_expert_ptr, t
         acc_g = tl.dot(a, wg.to(COMPUTE), acc_g, input_precision=PRECISION)
         acc_u = tl.dot(a, wu.to(COMPUTE), acc_u, input_precision=PRECISION)
         a_ptrs += BK
-        wg_ptrs += BK
-        wu_ptrs += BK
+        wg_ptrs += BK * stride_wk
+        wu_ptrs += BK * stride_wk
     omask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
     if STORE_GU:
@@ -279,7 +279,7 @@ class _Plan:
 
 
 def swiglu_up(plan: _Plan, hidden, gate_up_proj, store_gu: bool):
-    """hidden (T, H), gate_up_proj (E, 2I, H) -> h (S, I), gu (S, 2I) or None."""
+    """hidden (T, H), gate_up_proj (E, 2I, H) any strides -> h (S, I), gu (S, 2I) or None."""
     s, inter = plan.routing.num_slots, gate_up_proj.shape[1] // 2
     h = _empty((s, inter), hidden)
     gu = _empty((s, 2 * inter), hidden) if store_gu else h  # dummy pointer when not stored
@@ -288,7 +288,7 @@ def swiglu_up(plan: _Plan, hidden, gate_up_proj, store_gu: bool):
     grid = (n_tiles, triton.cdiv(inter, opts["BN"]))
     _swiglu_up_kernel[grid](hidden, plan.routing.token, gate_up_proj, h, gu, tile_expert, tile_row,
                             plan.ends, hidden.shape[1], inter, hidden.stride(0), gate_up_proj.stride(0),
-                            gate_up_proj.stride(1), STORE_GU=store_gu, **opts)
+                            gate_up_proj.stride(1), gate_up_proj.stride(2), STORE_GU=store_gu, **opts)
     return h, (gu if store_gu else None)
 
 
@@ -328,6 +328,17 @@ def grouped_wgrad(plan: _Plan, launch: str, a, b, *, a_idx=None, a_scale=None, b
 
 # ----------------------------------------------------------------------------- autograd
 
+def _forward_weights(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward GEMMs' B operands: gate_up (E, 2I, H) as (e, n, k) and down^T (E, I, H) as (e, k, n).
+    As stored, both are K-contiguous. 16-bit dots take that as it is; the exact fp32 dot ran at 18% of dense
+    cuBLAS with it on an H100 while the backward's N-contiguous operands ran at 80%
+    (benchmarks/results/2026-11-22-h100/moe_gpu_gemm_0dbe9ff.txt). So fp32 gets N-contiguous copies (one
+    pass over the weights, E * 3 * I * H elements) with the same logical shapes."""
+    if gate_up_proj.dtype != torch.float32:
+        return gate_up_proj, down_proj.transpose(1, 2)
+    return gate_up_proj.transpose(1, 2).contiguous().transpose(1, 2), down_proj.transpose(1, 2).contiguous()
+
+
 def _combine(y_tok: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y_tok (T, k, H), weight (T, k) -> (T, H) = sum_j weight[t, j] y_tok[t, j], accumulated in fp32.
     Elementwise rather than a (1 x k) @ (k x H) bmm per token: on an H100 (torch 2.11) that bmm took about
@@ -343,9 +354,12 @@ class MoeMlpTriton(torch.autograd.Function):
         hdim = hidden.shape[1]
         plan = _Plan(route(expert_idx, gate_up_proj.shape[0]), hidden.dtype)
         need_grad = any(ctx.needs_input_grad)
-        h, gu = swiglu_up(plan, hidden, gate_up_proj, store_gu=need_grad)
+        w_up, w_down = _forward_weights(gate_up_proj, down_proj)
+        h, gu = swiglu_up(plan, hidden, w_up, store_gu=need_grad)
+        del w_up
         # y in slot order (t * k + j): the scatter is fused into the down GEMM's stores
-        y_slot = grouped_rows(plan, "down_fwd", h, down_proj.transpose(1, 2), hdim, c_idx=plan.routing.perm)
+        y_slot = grouped_rows(plan, "down_fwd", h, w_down, hdim, c_idx=plan.routing.perm)
+        del w_down
         y_tok = y_slot.view(t, k, hdim)
         out = _combine(y_tok, expert_weight)
         ctx.plan = plan
