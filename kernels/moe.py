@@ -341,8 +341,9 @@ def _forward_weights(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> tup
 
 def _combine(y_tok: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y_tok (T, k, H), weight (T, k) -> (T, H) = sum_j weight[t, j] y_tok[t, j], accumulated in fp32.
-    Elementwise rather than a (1 x k) @ (k x H) bmm per token: on an H100 (torch 2.11) that bmm took about
-    2 ms of host time per call (benchmarks/results/2026-11-22-h100/moe_overhead_before.txt)."""
+    Elementwise: a (1 x k) @ (k x H) bmm per token is a batch of T tiny GEMMs. (An H100 profile showed 2 ms
+    of host time inside that bmm, but replacing it did not lower the op's host time per call: the wait moved
+    to the next op. benchmarks/results/2026-11-22-h100/moe_overhead_before.txt.)"""
     return (y_tok.float() * weight.float().unsqueeze(-1)).sum(1).to(y_tok.dtype)
 
 

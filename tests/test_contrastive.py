@@ -239,19 +239,19 @@ def test_backend_matches_reference_fp32(backend, case, reduction, n, m, d, scale
 
 
 @pytest.mark.parametrize("case", ["all", "sym_perm_groups"])
-def test_triton_backward_with_its_own_step(case, monkeypatch):
+def test_triton_backward_with_its_own_step(case, monkeypatch, device):
     """On a GPU the fp32 backward kernels step through 16 columns (rows) at a time, not the forward's block
-    (kernels/contrastive.py _config, BWD_STEP): the same kernels under the interpreter with that step and
-    blocks of 32, at sizes that leave partial blocks, against the reference."""
+    (kernels/contrastive.py _config, BWD_STEP): the same kernels (under the interpreter without a GPU) with
+    that step, at sizes that leave partial blocks, against the reference."""
     import moon_fast.kernels.contrastive as kernels
 
-    _skip_unavailable("triton", torch.device("cpu"))
+    _skip_unavailable("triton", device)
     interpreter_config = kernels._config
     monkeypatch.setattr(kernels, "_config", lambda d, dtype: {**interpreter_config(d, dtype), "BWD_STEP": 16})
     gen = _gen("bwd_step", case)
     n, m, d = 45, 71, 24
-    q, k, s = make_inputs(n, m, d, scale=30.0, gen=gen)
-    kw = options(case, n, m, gen)
+    q, k, s = make_inputs(n, m, d, scale=30.0, gen=gen, device=device)
+    kw = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in options(case, n, m, gen).items()}
     up = _upstream("none", n, gen)
     check(run("triton", q, k, s, upstream=up, reduction="none", **kw),
           run("reference", q, k, s, upstream=up, reduction="none", **kw), floor=6e-5)
@@ -287,8 +287,10 @@ def test_multi_matches_separate_losses(backend, reduction, device):
     _skip_unavailable(backend, device)
     gen = _gen("multi", backend, reduction)
     qs, k, targets, kg, groups, weights = _multi_inputs(gen)
-    s = torch.tensor(17.0)
-    up = torch.randn(3 if reduction != "none" else sum(q.shape[0] for q in qs), generator=gen)
+    qs, targets, weights = ([x.to(device) for x in xs] for xs in (qs, targets, weights))
+    groups = [g.to(device) if g is not None else None for g in groups]
+    k, kg, s = k.to(device), kg.to(device), torch.tensor(17.0, device=device)
+    up = torch.randn(3 if reduction != "none" else sum(q.shape[0] for q in qs), generator=gen).to(device)
 
     def grads(fn):
         qq = [q.clone().requires_grad_() for q in qs]
