@@ -3,7 +3,8 @@
 For each shape (S = T * k routed rows through H -> 2I -> H, E experts, top-k routing of random logits):
 - ``dense_fwd``: x (S, H) @ W1 (H, 2I), then a (S, I) @ W2 (I, H): the forward's FLOPs on cuBLAS.
 - ``triton_fwd``: the forward's two Triton launches alone (SwiGLU fused into the first GEMM's epilogue, the
-  scatter fused into the second's stores); routing and tile schedule made beforehand.
+  scatter fused into the second's stores); routing, tile schedule and (fp32) the N-contiguous weight
+  copies made beforehand. Before commit 7ae495c this row used the stored K-contiguous weights.
 - ``dense_bwd`` / ``triton_bwd``: the backward's four products (dX2 with the SwiGLU backward epilogue, dW2,
   dW1, dX1 with the scatter) likewise.
 - ``dense_fwdbwd`` and the whole op, forward+backward, per backend (``triton``, ``cuda``, ``torch``,
@@ -40,7 +41,7 @@ def _ms(fn) -> float:
 
 def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, backends: list[str],
                   dev: str = "cuda") -> list[dict]:
-    from moon_fast.kernels.moe import _Plan, grouped_rows, grouped_wgrad, swiglu_up
+    from moon_fast.kernels.moe import _forward_weights, _Plan, grouped_rows, grouped_wgrad, swiglu_up
 
     from moon_fast.ops import moe_mlp
     from moon_fast.ops.moe_routing import route
@@ -70,9 +71,11 @@ def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, ba
     h_act, gu = swiglu_up(plan, hidden, gate_up, store_gu=True)
     _, dgu = grouped_rows(plan, "dh_swiglu", grad, down, i, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
 
+    w_up, w_down = _forward_weights(gate_up, down)  # the layouts the op's forward uses (fp32: a copy)
+
     def triton_fwd():
-        act, _ = swiglu_up(plan, hidden, gate_up, store_gu=True)
-        grouped_rows(plan, "down_fwd", act, down.transpose(1, 2), h, c_idx=r.perm)
+        act, _ = swiglu_up(plan, hidden, w_up, store_gu=True)
+        grouped_rows(plan, "down_fwd", act, w_down, h, c_idx=r.perm)
 
     def triton_bwd():
         grouped_rows(plan, "dh_swiglu", grad, down, i, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)

@@ -494,6 +494,41 @@ def test_triton_tile_schedule_covers_every_row_once(t, k, e, block_m):
     assert torch.equal(owner, idx.reshape(-1)[r.perm]), "rows not covered by their expert's tiles"
 
 
+def test_triton_tiles_per_launch_and_their_override(monkeypatch):
+    """GPU tiles: one entry per launch; $MOON_FAST_MOE_TILES replaces the launches it names, and bad JSON
+    fails with the variable's expected form."""
+    pytest.importorskip("triton")
+    import moon_fast.kernels.moe as moe_triton
+
+    monkeypatch.setattr(moe_triton, "interpreting", lambda: False)  # the GPU table, without a GPU
+    monkeypatch.delenv(moe_triton.TILES_ENV, raising=False)
+    base = moe_triton.tile_sizes(torch.bfloat16)
+    assert set(base) == set(moe_triton.LAUNCHES)
+    monkeypatch.setenv(moe_triton.TILES_ENV, '{"dx": [64, 32, 16, 4, 2]}')
+    tiles = moe_triton.tile_sizes(torch.bfloat16)
+    assert tiles["dx"] == {"BM": 64, "BN": 32, "BK": 16, "num_warps": 4, "num_stages": 2}
+    assert {k: v for k, v in tiles.items() if k != "dx"} == {k: v for k, v in base.items() if k != "dx"}
+    monkeypatch.setenv(moe_triton.TILES_ENV, '{"dx": [64, 32]}')
+    with pytest.raises(ValueError, match="MOON_FAST_MOE_TILES must be JSON"):
+        moe_triton.tile_sizes(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_forward_weights_layout(dtype):
+    """fp32: N-contiguous copies with the same logical values (the exact fp32 dot is slow on K-contiguous
+    operands); 16-bit: the stored tensors, no copy."""
+    pytest.importorskip("triton")
+    from moon_fast.kernels.moe import _forward_weights
+
+    gate_up, down = torch.randn(3, 10, 6).to(dtype), torch.randn(3, 6, 5).to(dtype)
+    w_up, w_down = _forward_weights(gate_up, down)
+    assert torch.equal(w_up, gate_up) and torch.equal(w_down, down.transpose(1, 2))
+    if dtype == torch.float32:
+        assert w_up.stride(1) == 1 and w_down.stride(2) == 1  # N (output column) contiguous
+    else:
+        assert w_up.data_ptr() == gate_up.data_ptr() and w_down.data_ptr() == down.data_ptr()
+
+
 def test_auto_backend_on_cpu_is_cpu_then_torch(monkeypatch):
     """auto takes the native CPU kernels, and plain torch where moon_fast._C_cpu is not built."""
     from moon_fast import _ext
