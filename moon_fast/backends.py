@@ -147,8 +147,9 @@ class OpBackends:
         """{backend name: None if it runs on this device, else the reason it does not}."""
         return {name: self.why_unavailable(name, device) for name in self.backends}
 
-    def resolve(self, backend: str, device: torch.device | str) -> Backend:
-        """Returns the backend to run for tensors on ``device``; raises BackendUnavailable."""
+    def resolve(self, backend: str, device: torch.device | str, *, order: Sequence[str] | None = None) -> Backend:
+        """Returns the backend to run for tensors on ``device``; raises BackendUnavailable. ``order``: an
+        ``auto`` preference for this call instead of the device type's (e.g. one that depends on dtype)."""
         device = torch.device(device)
         if backend == "auto":
             forced = os.environ.get(self.env_var)
@@ -156,7 +157,7 @@ class OpBackends:
                 backend = forced
                 source = f"(forced by {self.env_var}={forced}) "
             else:
-                for name in self.auto_order.get(device.type, ("torch",)):
+                for name in order or self.auto_order.get(device.type, ("torch",)):
                     if name in self.backends and self.why_unavailable(name, device) is None:
                         return self.backends[name]
                 raise BackendUnavailable(

@@ -529,6 +529,29 @@ def test_triton_forward_weights_layout(dtype):
         assert w_up.data_ptr() == gate_up.data_ptr() and w_down.data_ptr() == down.data_ptr()
 
 
+def test_auto_backend_on_a_gpu_depends_on_dtype(monkeypatch):
+    """On CUDA tensors auto takes `cuda` first in bf16 and `triton` first otherwise (the order measured on an
+    H100); moe_mlp passes that order to the registry, which follows it."""
+    from types import SimpleNamespace
+
+    import moon_fast.ops.moe as moe_op
+
+    gpu = torch.device("cuda")
+    assert moe_op._auto_order(SimpleNamespace(device=gpu, dtype=torch.bfloat16))[0] == "cuda"
+    for dtype in (torch.float16, torch.float32):
+        assert moe_op._auto_order(SimpleNamespace(device=gpu, dtype=dtype)) is None
+    assert BACKENDS.auto_order["cuda"][0] == "triton"
+    assert moe_op._auto_order(torch.zeros(1, dtype=torch.bfloat16)) is None  # CPU: the CPU order
+    monkeypatch.delenv("MOON_FAST_MOE_MLP_BACKEND", raising=False)
+    assert BACKENDS.resolve("auto", "cpu", order=("torch", "cpu")).name == "torch"
+    monkeypatch.setattr(moe_op, "_auto_order", lambda hidden: ("reference",))
+    ran = []
+    monkeypatch.setattr(BACKENDS.backends["reference"], "fn", lambda *a: ran.append(1) or a[0])
+    tensors, idx, _ = make_inputs(5, 8, 4, 3, 2, "random", torch.float32)
+    moe_mlp(tensors[0], idx, *tensors[1:])
+    assert ran, "moe_mlp did not follow _auto_order's preference"
+
+
 def test_auto_backend_on_cpu_is_cpu_then_torch(monkeypatch):
     """auto takes the native CPU kernels, and plain torch where moon_fast._C_cpu is not built."""
     from moon_fast import _ext
