@@ -4,7 +4,8 @@ For each shape (S = T * k routed rows through H -> 2I -> H, E experts, top-k rou
 - ``dense_fwd``: x (S, H) @ W1 (H, 2I), then a (S, I) @ W2 (I, H): the forward's FLOPs on cuBLAS.
 - ``triton_fwd``: the forward's two Triton launches alone (SwiGLU fused into the first GEMM's epilogue, the
   scatter fused into the second's stores); routing, tile schedule and (fp32) the N-contiguous weight
-  copies made beforehand. Before commit 7ae495c this row used the stored K-contiguous weights.
+  copies made beforehand (benchmarks/moe_gpu_launches.py). In runs at commit 7ae495c and before, this row used the stored
+  K-contiguous weights.
 - ``dense_bwd`` / ``triton_bwd``: the backward's four products (dX2 with the SwiGLU backward epilogue, dW2,
   dW1, dX1 with the scatter) likewise.
 - ``dense_fwdbwd`` and the whole op, forward+backward, per backend (``triton``, ``cuda``, ``torch``,
@@ -24,92 +25,40 @@ import os
 import sys
 
 import torch
+from moe_gpu_launches import BACKWARD, FORWARD, MoeLaunches, device_ms
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from moon_fast.bench.harness import machine_info  # noqa: E402
-from moon_fast.bench.moe import make_problem  # noqa: E402
+from moon_fast.bench.harness import machine_info
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
 def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, backends: list[str],
                   dev: str = "cuda") -> list[dict]:
-    from moon_fast.kernels.moe import _forward_weights, _Plan, grouped_rows, grouped_wgrad, swiglu_up
-
-    from moon_fast.ops import moe_mlp
-    from moon_fast.ops.moe_routing import route
-
-    dev = torch.device(dev)
-    hidden, idx, weight, gate_up, down, grad = make_problem(t, h, i, e, k, dtype, dev)
-    s = t * k
-    fwd_flops, bwd_flops = 2 * s * h * 3 * i, 4 * s * h * 3 * i
-    x = torch.randn(s, h, dtype=dtype, device=dev)
-    w1, w2 = torch.randn(h, 2 * i, dtype=dtype, device=dev), torch.randn(i, h, dtype=dtype, device=dev)
-    a1, d1 = torch.randn(s, i, dtype=dtype, device=dev), torch.randn(s, 2 * i, dtype=dtype, device=dev)
-    d2 = torch.randn(s, h, dtype=dtype, device=dev)
-
-    def dense_fwd():
-        x @ w1, a1 @ w2  # noqa: B018
-
-    def dense_bwd():
-        d2 @ w2.t(), a1.t() @ d2, d1 @ w1.t(), x.t() @ d1  # noqa: B018
-
-    def dense_fwdbwd():
-        dense_fwd()
-        dense_bwd()
-
-    plan = _Plan(route(idx, e), dtype)
-    r = plan.routing
-    w_sorted = weight.reshape(-1).index_select(0, r.perm)
-    h_act, gu = swiglu_up(plan, hidden, gate_up, store_gu=True)
-    _, dgu = grouped_rows(plan, "dh_swiglu", grad, down, i, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
-
-    w_up, w_down = _forward_weights(gate_up, down)  # the layouts the op's forward uses (fp32: a copy)
-
-    def triton_fwd():
-        act, _ = swiglu_up(plan, hidden, w_up, store_gu=True)
-        grouped_rows(plan, "down_fwd", act, w_down, h, c_idx=r.perm)
-
-    def triton_bwd():
-        grouped_rows(plan, "dh_swiglu", grad, down, i, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
-        grouped_wgrad(plan, "wgrad_down", grad, h_act, a_idx=r.token, a_scale=w_sorted)
-        grouped_wgrad(plan, "wgrad_gate_up", dgu, hidden, b_idx=r.token)
-        grouped_rows(plan, "dx", dgu, gate_up, h, c_idx=r.perm)
-
+    m = MoeLaunches(t, h, i, e, k, dtype, dev)
+    fwd_flops, bwd_flops = m.flops(FORWARD), m.flops(BACKWARD)
     rows = []
-    shape = {"T": t, "H": h, "I": i, "E": e, "k": k, "dtype": str(dtype).replace("torch.", "")}
 
     def record(name, fn, flops, baseline=None):
-        ms = _ms(fn)
-        row = {**shape, "what": name, "ms": ms, "tflops": flops / ms / 1e9}
+        ms = device_ms(fn)
+        row = {**m.shape, "what": name, "ms": ms, "tflops": flops / ms / 1e9}
         if baseline is not None:
             row["pct_of_dense"] = 100.0 * baseline / ms
         rows.append(row)
-        print(f"{shape['dtype']} T={t} E={e}: {name:18s} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s"
+        print(f"{m.shape['dtype']} T={t} E={e}: {name:18s} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s"
               + (f"  {row['pct_of_dense']:5.1f}% of dense" if baseline is not None else ""), flush=True)
         return ms
 
-    base_f = record("dense_fwd", dense_fwd, fwd_flops)
-    record("triton_fwd", triton_fwd, fwd_flops, base_f)
-    base_b = record("dense_bwd", dense_bwd, bwd_flops)
-    record("triton_bwd", triton_bwd, bwd_flops, base_b)
-    base = record("dense_fwdbwd", dense_fwdbwd, fwd_flops + bwd_flops)
-    leaves = [hidden.requires_grad_(), weight.requires_grad_(), gate_up.requires_grad_(), down.requires_grad_()]
+    base_f = record("dense_fwd", lambda: m.dense(FORWARD), fwd_flops)
+    record("triton_fwd", lambda: m.run(FORWARD), fwd_flops, base_f)
+    base_b = record("dense_bwd", lambda: m.dense(BACKWARD), bwd_flops)
+    record("triton_bwd", lambda: m.run(BACKWARD), bwd_flops, base_b)
+    base = record("dense_fwdbwd", lambda: m.dense(FORWARD + BACKWARD), fwd_flops + bwd_flops)
     for b in backends:
-        def op(b=b):
-            out = moe_mlp(hidden, idx, weight, gate_up, down, backend=b)
-            torch.autograd.grad(out, leaves, grad)
+        op = m.op_step(b)
         try:
             op()
         except Exception as exc:  # noqa: BLE001  recorded; the other backends still run
-            rows.append({**shape, "what": f"op_{b}", "error": f"{type(exc).__name__}: {exc}"[:300]})
+            rows.append({**m.shape, "what": f"op_{b}", "error": f"{type(exc).__name__}: {exc}"[:300]})
             print(f"op_{b}: {rows[-1]['error']}", flush=True)
             continue
         record(f"op_{b}", op, fwd_flops + bwd_flops, base)

@@ -14,71 +14,41 @@ cuBLAS matmul and a torch elementwise op, to see where the op's host time per ca
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from moe_gpu_launches import MoeLaunches, device_ms, host_ms
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from moon_fast.bench.harness import machine_info  # noqa: E402
-from moon_fast.bench.moe import make_problem  # noqa: E402
-
-DEV = "cuda"
-
-
-def _ms(fn) -> float:
-    if DEV != "cuda":
-        return float("nan")
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def _host_us(fn, n=200) -> float:
-    fn()
-    if DEV != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return host
+from moon_fast.bench.harness import machine_info
 
 
 def main(argv=None) -> int:
-    from moon_fast.kernels.moe import _Plan, grouped_rows
+    from moon_fast.kernels.moe import grouped_rows
 
-    from moon_fast.ops.moe_routing import route
     from moon_fast.ops.moe_torch import swiglu_backward
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--t", type=int, default=16384)
-    p.add_argument("--device", default="cuda", help="cpu: a logic check under TRITON_INTERPRET=1 (timings meaningless)")
+    p.add_argument("--width", type=int, default=1024, help="H = I")
+    p.add_argument("--device", default="cuda", help="cpu: a logic check under TRITON_INTERPRET=1 (no timings)")
     args = p.parse_args(argv)
-    global DEV
-    DEV = args.device
-    if DEV == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("moe_gpu_probes: needs a CUDA GPU", file=sys.stderr)
         return 2
     info = machine_info()
     print({k: info[k] for k in ("device", "torch", "triton", "commit")})
-    t, h, i, e, k = args.t, 1024, 1024, 8, 2
-    hidden, idx, weight, gate_up, down, grad = make_problem(t, h, i, e, k, torch.bfloat16, torch.device(DEV))
-    plan = _Plan(route(idx, e), torch.bfloat16)
-    r = plan.routing
-    w_sorted = weight.reshape(-1).index_select(0, r.perm)
-    gu = torch.randn(t * k, 2 * i, dtype=torch.bfloat16, device=DEV)
+    t, i = args.t, args.width
+    m = MoeLaunches(t, i, i, 8, 2, torch.bfloat16, args.device)
+    grad, down, r = m.problem[5], m.problem[4], m.routing
+    w_sorted, gu = m.saved["w_sorted"], m.saved["gu"]
+    dh_swiglu = m.launches["dh_swiglu"]
 
     def fused():
-        return grouped_rows(plan, "dh_swiglu", grad, down, i, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
+        return dh_swiglu.run(m.plan)
 
-    def plain():
-        return grouped_rows(plan, "down_fwd", grad, down, i, a_idx=r.token, a_scale=w_sorted)
+    def plain():  # the same GEMM without the SwiGLU epilogue (the plain rows kernel, down_fwd's tiles)
+        return grouped_rows(m.plan, "down_fwd", grad, down, i, a_idx=r.token, a_scale=w_sorted)
 
     def split():
         dh = plain()
@@ -88,17 +58,14 @@ def main(argv=None) -> int:
     (h1, d1), (h2, d2) = fused(), split()
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
     print(f"split-swiglu T={t}: relative difference fused vs split: dgu {rel(d1, d2):.2e}, h {rel(h1, h2):.2e}")
-    dense_b = torch.randn(h, i, dtype=torch.bfloat16, device=DEV)
-    dense_a = torch.randn(t * k, h, dtype=torch.bfloat16, device=DEV)
-    print(f"split-swiglu T={t}: fused {_ms(fused):.3f} ms, split {_ms(split):.3f} ms, "
-          f"plain GEMM alone {_ms(plain):.3f} ms, "
-          f"dense {_ms(lambda: dense_a @ dense_b):.3f} ms", flush=True)
+    print(f"split-swiglu T={t}: fused {device_ms(fused):.3f} ms, split {device_ms(split):.3f} ms, "
+          f"plain GEMM alone {device_ms(plain):.3f} ms, dense {device_ms(dh_swiglu.dense):.3f} ms", flush=True)
 
-    small = torch.randn(64, 64, device=DEV)
+    small = torch.randn(64, 64, device=args.device)
     for name, fn in (("triton grouped GEMM launch", plain),
                      ("cuBLAS matmul (64x64)", lambda: small @ small),
                      ("torch add (64x64)", lambda: small + small)):
-        print(f"launch-cost: {name}: {_host_us(fn):.1f} us of host time per call", flush=True)
+        print(f"launch-cost: {name}: {host_ms(fn, n=200) * 1e3:.1f} us of host time per call", flush=True)
     return 0
 
 

@@ -1,0 +1,137 @@
+"""What the GPU MoE scripts (moe_gpu_gemm.py, moe_triton_tiles.py, moe_gpu_probes.py) share: the timers
+and the six Triton launches of one forward+backward, each with the dense cuBLAS product of its FLOPs.
+
+S = T * k routed rows, widths H and I:
+  swiglu_up     x[token] (S, H) @ gate_up[e]^T -> h, gu            dense: (S, H) @ (H, 2I)
+  down_fwd      h (S, I) @ down[e]^T, scattered to slot order        dense: (S, I) @ (I, H)
+  dh_swiglu     (w * dout[token]) (S, H) @ down[e] -> dgu, h         dense: (S, H) @ (H, I)
+  wgrad_down    sum_r (w dout[token])^T h -> (E, H, I)               dense: (H, S) @ (S, I)
+  wgrad_gate_up sum_r dgu^T x[token] -> (E, 2I, H)                   dense: (2I, S) @ (S, H)
+  dx            dgu (S, 2I) @ gate_up[e], scattered                  dense: (S, 2I) @ (2I, H)
+The forward launches take the weights in the layouts the op's forward uses (kernels/moe.py
+``_forward_weights``: an N-contiguous copy in fp32), made beforehand, as routing is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from moon_fast.bench.moe import make_problem  # noqa: E402
+
+FORWARD = ("swiglu_up", "down_fwd")
+BACKWARD = ("dh_swiglu", "wgrad_down", "wgrad_gate_up", "dx")
+
+
+def device_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 200) -> float:
+    """Median of triton.testing.do_bench (CUDA events, L2 flushed); NaN off a GPU, where the scripts only
+    check their logic under TRITON_INTERPRET=1."""
+    if not torch.cuda.is_available():
+        fn()
+        return float("nan")
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def host_ms(fn: Callable[[], object], n: int = 20) -> float:
+    """Host time per call of ``n`` calls issued without synchronising: at or above the device time, the
+    call is bound by the host (launch cost), not the GPU. NaN off a GPU."""
+    fn()
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    out = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return out
+
+
+@dataclass
+class Launch:
+    run: Callable  # run(plan) -> the launch's outputs
+    dense: Callable[[], object]  # the dense cuBLAS product of the same FLOPs
+    flops: float
+
+
+class MoeLaunches:
+    """One problem (make_problem: top-k routing of random logits, HF weight layout) and its six launches."""
+
+    def __init__(self, t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, dev: str = "cuda"):
+        from moon_fast.kernels.moe import _forward_weights, _Plan, grouped_rows, grouped_wgrad, swiglu_up
+
+        from moon_fast.ops.moe_routing import route
+
+        dev = torch.device(dev)
+        self.shape = {"T": t, "H": h, "I": i, "E": e, "k": k, "dtype": str(dtype).replace("torch.", "")}
+        self.dtype = dtype
+        self.problem = make_problem(t, h, i, e, k, dtype, dev)
+        hidden, idx, weight, gate_up, down, grad = self.problem
+        self.routing = r = route(idx, e)
+        self.plan = _Plan(r, dtype)
+        w_sorted = weight.reshape(-1).index_select(0, r.perm)
+        w_up, w_down = _forward_weights(gate_up, down)
+        h_act, gu = swiglu_up(self.plan, hidden, w_up, store_gu=True)
+        _, dgu = grouped_rows(self.plan, "dh_swiglu", grad, down, i, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
+        self.saved = {"w_sorted": w_sorted, "gu": gu}
+        s = t * k
+        rnd = lambda *shape: torch.randn(*shape, dtype=dtype, device=dev)  # noqa: E731
+        x, a1, d1, d2, w1, w2 = rnd(s, h), rnd(s, i), rnd(s, 2 * i), rnd(s, h), rnd(h, 2 * i), rnd(i, h)
+        self.launches = {
+            "swiglu_up": Launch(lambda p: swiglu_up(p, hidden, w_up, store_gu=True), lambda: x @ w1,
+                                2 * s * h * 2 * i),
+            "down_fwd": Launch(lambda p: grouped_rows(p, "down_fwd", h_act, w_down, h, c_idx=r.perm),
+                               lambda: a1 @ w2, 2 * s * i * h),
+            "dh_swiglu": Launch(lambda p: grouped_rows(p, "dh_swiglu", grad, down, i, a_idx=r.token,
+                                                       a_scale=w_sorted, swiglu_gu=gu),
+                                lambda: d2 @ w2.t(), 2 * s * h * i),
+            "wgrad_down": Launch(lambda p: grouped_wgrad(p, "wgrad_down", grad, h_act, a_idx=r.token,
+                                                         a_scale=w_sorted), lambda: a1.t() @ d2, 2 * s * h * i),
+            "wgrad_gate_up": Launch(lambda p: grouped_wgrad(p, "wgrad_gate_up", dgu, hidden, b_idx=r.token),
+                                    lambda: x.t() @ d1, 2 * s * h * 2 * i),
+            "dx": Launch(lambda p: grouped_rows(p, "dx", dgu, gate_up, h, c_idx=r.perm), lambda: d1 @ w1.t(),
+                         2 * s * h * 2 * i),
+        }
+
+    def plan_with(self, launch: str, tiles: tuple[int, int, int, int, int]):
+        """A plan whose ``launch`` uses ``tiles`` (BM, BN, BK, num_warps, num_stages), schedule made."""
+        from moon_fast.kernels.moe import _Plan, _tiles
+
+        p = _Plan(self.routing, self.dtype)
+        p.cfg = {**p.cfg, launch: _tiles(*tiles)}
+        p.schedule(tiles[0])  # made before timing, as the op makes it once per call
+        return p
+
+    def run(self, names, plan=None) -> None:
+        """The launches ``names`` in turn (the default tiles unless ``plan``)."""
+        for name in names:
+            self.launches[name].run(plan or self.plan)
+
+    def dense(self, names) -> None:
+        for name in names:
+            self.launches[name].dense()
+
+    def flops(self, names) -> float:
+        return sum(self.launches[n].flops for n in names)
+
+    def op_step(self, backend: str) -> Callable[[], None]:
+        """moe_mlp forward+backward with ``backend`` on this problem (gradients for all four inputs)."""
+        from moon_fast.ops import moe_mlp
+
+        hidden, idx, weight, gate_up, down, grad = self.problem
+        leaves = [x.requires_grad_() for x in (hidden, weight, gate_up, down)]
+
+        def step():
+            out = moe_mlp(hidden, idx, weight, gate_up, down, backend=backend)
+            torch.autograd.grad(out, leaves, grad)
+
+        return step
