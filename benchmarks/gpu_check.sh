@@ -3,10 +3,11 @@
 #   1. builds moon_fast._C for this GPU's architecture only (the CPU emulator build is skipped),
 #   2. runs the tests that run on CUDA: the MoE backends against the reference (gpu-marked), the Triton
 #      attention tests and the contrastive tests on the device fixture,
-#   3. times the Triton MoE grouped GEMMs against dense cuBLAS (benchmarks/moe_gpu_gemm.py, issue 4's target),
+#   3. counts the MoE op's launches per call (benchmarks/moe_launch_count.py) and times the Triton MoE
+#      grouped GEMMs against dense cuBLAS (benchmarks/moe_gpu_gemm.py, issue 4's target),
 #   4. runs `moon-fast bench` at GPU sizes (contrastive, attention, moe, train) with what time is left,
 #   5. writes everything under $OUT (default gpu_results/): env.txt, build.log, tests.log, junit.xml,
-#      moe_gpu_gemm.{log,csv,json}, bench/{results.csv,results.json,report.md}, summary.txt.
+#      moe_launch_count.{log,csv,json}, moe_gpu_gemm.{log,csv,json}, bench/{results.csv,results.json,report.md}, summary.txt.
 #
 #   bash benchmarks/gpu_check.sh                  # from the repository root
 #   OUT=/tmp/x BENCH_BUDGET=240 bash benchmarks/gpu_check.sh
@@ -92,7 +93,7 @@ if $PY -c "import pytest" 2>/dev/null; then
   # Triton attention tests (their device is CUDA when there is one) and the contrastive tests that take
   # the device fixture. Left out: the offline compile checks (CPU-only, Triton-version internals) and the
   # CPU emulator of the csrc kernels (not built here), which CI runs.
-  TESTS="tests/test_moe_op.py::test_backend_matches_reference_on_cuda tests/test_attention_triton.py tests/test_contrastive.py tests/test_eval_metrics.py"
+  TESTS="tests/test_moe_op.py::test_backend_matches_reference_on_cuda tests/test_moe_triton_parts.py tests/test_bench_launches.py tests/test_attention_triton.py tests/test_contrastive.py tests/test_eval_metrics.py"
   SELECT=(-k "not ahead_of_time and not cuda_emu and not csrc_tile_ops")
   [[ $DRY == 1 ]] && { TESTS=tests/test_bench_flops.py; SELECT=(); }
   say "tests on CUDA: $TESTS (budget ${TEST_BUDGET}s)"
@@ -106,6 +107,9 @@ fi
 
 # ---------------------------------------------------------------- 3. issue 4's target: Triton grouped GEMM vs dense
 if [[ $DRY != 1 ]]; then
+  say "MoE launches per call (torch ops, Triton launches, CUDA kernels)"
+  timeout 60 $PY benchmarks/moe_launch_count.py --out "$OUT" > "$OUT/moe_launch_count.log" 2>&1
+  say "moe_launch_count: rc $?"
   say "MoE grouped GEMMs vs dense cuBLAS (budget ${MOE_BUDGET}s)"
   timeout "$MOE_BUDGET" $PY benchmarks/moe_gpu_gemm.py --out "$OUT" > "$OUT/moe_gpu_gemm.log" 2>&1
   say "moe_gpu_gemm: rc $?; $(grep -c '% of dense' "$OUT/moe_gpu_gemm.log") ratios"

@@ -3,7 +3,7 @@
 For each shape (S = T * k routed rows through H -> 2I -> H, E experts, top-k routing of random logits):
 - ``dense_fwd``: x (S, H) @ W1 (H, 2I), then a (S, I) @ W2 (I, H): the forward's FLOPs on cuBLAS.
 - ``triton_fwd``: the forward's two Triton launches alone (SwiGLU fused into the first GEMM's epilogue, the
-  scatter fused into the second's stores); routing, tile schedule and (fp32) the N-contiguous weight
+  scatter fused into the second's stores); routing and (fp32) the N-contiguous weight
   copies made beforehand (benchmarks/moe_gpu_launches.py). In runs at commit 7ae495c and before, this row used the stored
   K-contiguous weights.
 - ``dense_bwd`` / ``triton_bwd``: the backward's four products (dX2 with the SwiGLU backward epilogue, dW2,

@@ -69,15 +69,14 @@ class MoeLaunches:
     def __init__(self, t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, dev: str = "cuda"):
         from moon_fast.kernels.moe import _forward_weights, _Plan, grouped_rows, grouped_wgrad, swiglu_up
 
-        from moon_fast.ops.moe_routing import route
-
         dev = torch.device(dev)
         self.shape = {"T": t, "H": h, "I": i, "E": e, "k": k, "dtype": str(dtype).replace("torch.", "")}
         self.dtype = dtype
         self.problem = make_problem(t, h, i, e, k, dtype, dev)
         hidden, idx, weight, gate_up, down, grad = self.problem
-        self.routing = r = route(idx, e)
-        self.plan = _Plan(r, dtype)
+        self.expert_idx = idx
+        self.plan = _Plan(idx, e, dtype)  # the routing kernels, run once here as the op runs them once per call
+        r = self.plan.routing
         w_sorted = weight.reshape(-1).index_select(0, r.perm)
         w_up, w_down = _forward_weights(gate_up, down)
         h_act, gu = swiglu_up(self.plan, hidden, w_up, store_gu=True)
@@ -103,12 +102,13 @@ class MoeLaunches:
         }
 
     def plan_with(self, launch: str, tiles: tuple[int, int, int, int, int]):
-        """A plan whose ``launch`` uses ``tiles`` (BM, BN, BK, num_warps, num_stages), schedule made."""
-        from moon_fast.kernels.moe import _Plan, _tiles
+        """A plan whose ``launch`` uses ``tiles`` (BM, BN, BK, num_warps, num_stages), routing made."""
+        import copy
 
-        p = _Plan(self.routing, self.dtype)
+        from moon_fast.kernels.moe import _tiles
+
+        p = copy.copy(self.plan)
         p.cfg = {**p.cfg, launch: _tiles(*tiles)}
-        p.schedule(tiles[0])  # made before timing, as the op makes it once per call
         return p
 
     def run(self, names, plan=None) -> None:

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     print({k: info[k] for k in ("device", "torch", "triton", "commit")})
     t, i = args.t, args.width
     m = MoeLaunches(t, i, i, 8, 2, torch.bfloat16, args.device)
-    grad, down, r = m.problem[5], m.problem[4], m.routing
+    grad, down, r = m.problem[5], m.problem[4], m.plan.routing
     w_sorted, gu = m.saved["w_sorted"], m.saved["gu"]
     dh_swiglu = m.launches["dh_swiglu"]
 

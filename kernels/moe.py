@@ -1,8 +1,9 @@
 """Triton backend of ``moe_mlp``: grouped GEMMs over expert-contiguous row tiles.
 
-Routing bookkeeping (stable sort, offsets, tile schedule) is a handful of small torch ops on the device
-(no host synchronisation: the grid is sized by the upper bound cdiv(S, BM) + E tiles and surplus tiles
-exit at once). S = T * k slots, rows in expert-contiguous order (moon_fast.ops.moe_routing).
+S = T * k slots, rows in expert-contiguous order (moon_fast.ops.moe_routing). The routing is two launches
+(kernels/moe_routing.py: a stable counting sort, no host synchronisation). There is no tile schedule:
+each row-tile program finds its expert and rows from the routing's bounds (``_row_tile``), and the grid
+is the upper bound cdiv(S, BM) + E of the tile count; surplus programs exit at once.
 
 Kernels (shapes above each):
 * ``_swiglu_up_kernel``: h = silu(X[token] Wg^T) * (X[token] Wu^T), the gather of token rows fused into
@@ -13,8 +14,10 @@ Kernels (shapes above each):
   backward in the epilogue (dgate, dup and the recomputed h).
 * ``_grouped_wgrad_kernel``: dW[e] = (scale * A[a_idx])^T B[b_idx] over expert e's rows (zero when it has
   none): the weight gradients.
-The k contributions of each token are combined in torch (elementwise, fp32 accumulation), which is
-deterministic and also gives the gradient of the routing weights.
+The k contributions of each token are combined, and the routing weights' gradient computed, by one launch
+each (kernels/moe_combine.py: fp32 accumulation, deterministic). One forward+backward makes 11 launches
+(8 of them Triton) where it made about 60 small torch ops and 6 Triton launches: on an H100 the op was
+bound by host time per launch (benchmarks/results/2026-11-22-h100/moe_gpu_probes_539dfd1.txt).
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ import os
 import torch
 import triton
 import triton.language as tl
-from moon_fast.kernels._utils import compute_dtype_for, interpreting
+from moon_fast.kernels._utils import compute_dtype_for, interpreting, next_power_of_2
+from moon_fast.kernels.moe_combine import choice_weight_grad, combine
+from moon_fast.kernels.moe_routing import route_triton
 from torch.autograd.function import once_differentiable
-
-from moon_fast.ops.moe_routing import Routing, route
 
 
 def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -93,49 +96,42 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-# ----------------------------------------------------------------------------- tile schedule
-
-def tile_schedule(routing: Routing, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Maps each row tile to (expert, first row); on the device, no synchronisation.
-
-    Returns tile_expert (n,) int32 (-1 for a surplus tile), tile_row (n,) int32 and n = cdiv(S, BM) + E,
-    an upper bound of sum_e cdiv(count_e, BM).
-    """
-    ends = routing.offsets.long()
-    counts = routing.counts()
-    tiles = (counts + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, 0)
-    n = triton.cdiv(routing.num_slots, block_m) + routing.num_experts
-    j = torch.arange(n, device=ends.device)
-    expert = torch.searchsorted(tile_end, j, right=True)
-    valid = expert < routing.num_experts
-    e = expert.clamp(max=routing.num_experts - 1)
-    row = (ends[e] - counts[e]) + (j - (tile_end[e] - tiles[e])) * block_m
-    tile_expert = torch.where(valid, e, -1).to(torch.int32)
-    return tile_expert, torch.where(valid, row, 0).to(torch.int32), n
-
-
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _row_tile(tile_expert_ptr, tile_row_ptr, ends_ptr, BM: tl.constexpr):
-    """This program's row tile of the schedule (tile_schedule): expert e (int64; -1 for a surplus tile),
-    rows (BM,) in expert-contiguous order and their mask (rows past the expert's last row are off)."""
+def _row_tile(bounds_ptr, E, BM: tl.constexpr, EP: tl.constexpr):
+    """This program's row tile: expert e (int64; E or more for a surplus tile), rows (BM,) in
+    expert-contiguous order and their mask (rows past the expert's last row are off).
+
+    Program j takes the j-th row tile when each expert's rows, bounds[e]:bounds[e + 1], are cut into
+    cdiv(count_e, BM) tiles in expert order. Every program finds its own tile from bounds (EP >= E lanes):
+    a prefix sum of the tile counts, so no tile schedule is built between routing and the GEMMs. The grid
+    is the upper bound cdiv(S, BM) + E of the tile count; programs past the last tile return at once."""
     tile = tl.program_id(0)
-    e = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    row_end = tl.load(ends_ptr + tl.maximum(e, 0))
-    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BM)
-    return e, rows, rows < row_end
+    es = tl.arange(0, EP)
+    emask = es < E
+    starts = tl.load(bounds_ptr + es, mask=emask, other=0)
+    ends = tl.load(bounds_ptr + 1 + es, mask=emask, other=0)
+    tiles = (ends - starts + BM - 1) // BM
+    tile_end = tl.cumsum(tiles, 0)
+    e = tl.sum((tile_end <= tile).to(tl.int32), 0)  # experts whose tiles all come before this one
+    mine = es == e
+    # this tile's first row: its expert's start + (tile - the expert's first tile) * BM, in one reduction
+    # (two, one per term, left 12 bytes of spills in the 128x256 down GEMM on sm_80)
+    first_row = tl.sum(tl.where(mine, starts + (tile - tile_end + tiles) * BM, 0), 0)
+    row_end = tl.sum(tl.where(mine, ends, 0), 0)
+    rows = first_row + tl.arange(0, BM)
+    return e.to(tl.int64), rows, rows < row_end
 
 
 # x (T, H) rows gathered by token (S,); w (E, 2I, H) gate rows first -> h (S, I), gu (S, 2I)
 @triton.jit
-def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
+def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, bounds_ptr,
                       H, INTER, stride_xm, stride_we, stride_wn, stride_wk,
                       STORE_GU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    e, rows, rmask = _row_tile(tile_expert_ptr, tile_row_ptr, ends_ptr, BM)
-    if e < 0:  # a surplus tile of the schedule's upper bound
+                      E: tl.constexpr, EP: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    e, rows, rmask = _row_tile(bounds_ptr, E, BM, EP)
+    if e >= E:  # a surplus program of the grid's upper bound
         return
     tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -171,13 +167,13 @@ def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, tile_expert_ptr, t
 # SWIGLU_BWD: C is dh (N = I); the epilogue reads gu (S, 2I) and writes dgu (S, 2I) and h (S, I) to c_ptr
 @triton.jit
 def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr, gu_ptr, dgu_ptr,
-                         tile_expert_ptr, tile_row_ptr, ends_ptr,
+                         bounds_ptr,
                          N, K, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
                          A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, C_SCATTER: tl.constexpr,
                          SWIGLU_BWD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    e, rows, rmask = _row_tile(tile_expert_ptr, tile_row_ptr, ends_ptr, BM)
-    if e < 0:  # a surplus tile of the schedule's upper bound
+                         E: tl.constexpr, EP: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    e, rows, rmask = _row_tile(bounds_ptr, E, BM, EP)
+    if e >= E:  # a surplus program of the grid's upper bound
         return
     if A_GATHER:
         a_rows = tl.load(a_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
@@ -258,21 +254,20 @@ def _grouped_wgrad_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, b_idx_ptr, c_ptr
 # ----------------------------------------------------------------------------- launchers
 
 class _Plan:
-    """Routing, tile schedules and launch constants shared by the forward and backward launches."""
+    """Routing (kernels/moe_routing.py) and launch constants shared by the forward and backward launches."""
 
-    def __init__(self, routing: Routing, dtype: torch.dtype):
-        self.routing = routing
+    def __init__(self, expert_idx: torch.Tensor, num_experts: int, dtype: torch.dtype):
+        self.routing, self.bounds = route_triton(expert_idx, num_experts)
         self.cfg = tile_sizes(dtype)
-        self._schedules: dict[int, tuple] = {}  # BM -> tile_schedule(routing, BM), made once per plan
-        self.ends = routing.offsets
-        self.bounds = torch.cat([routing.offsets.new_zeros(1), routing.offsets])
+        # E is a compile-time constant of the row-tile kernels (one compile per model); EP >= E lanes for
+        # _row_tile's search over the experts
+        self.experts = {"E": num_experts, "EP": max(16, next_power_of_2(num_experts))}
         self.compute = compute_dtype_for(dtype)
         self.precision = _precision(dtype)
 
-    def schedule(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        if block_m not in self._schedules:
-            self._schedules[block_m] = tile_schedule(self.routing, block_m)
-        return self._schedules[block_m]
+    def row_tiles(self, block_m: int) -> int:
+        """Programs along the rows of a row-tile launch: an upper bound of sum_e cdiv(count_e, BM)."""
+        return triton.cdiv(self.routing.num_slots, block_m) + self.routing.num_experts
 
     def launch_opts(self, launch: str) -> dict:
         return {**self.cfg[launch], "COMPUTE": self.compute, "PRECISION": self.precision}
@@ -284,11 +279,10 @@ def swiglu_up(plan: _Plan, hidden, gate_up_proj, store_gu: bool):
     h = _empty((s, inter), hidden)
     gu = _empty((s, 2 * inter), hidden) if store_gu else h  # dummy pointer when not stored
     opts = plan.launch_opts("swiglu_up")
-    tile_expert, tile_row, n_tiles = plan.schedule(opts["BM"])
-    grid = (n_tiles, triton.cdiv(inter, opts["BN"]))
-    _swiglu_up_kernel[grid](hidden, plan.routing.token, gate_up_proj, h, gu, tile_expert, tile_row,
-                            plan.ends, hidden.shape[1], inter, hidden.stride(0), gate_up_proj.stride(0),
-                            gate_up_proj.stride(1), gate_up_proj.stride(2), STORE_GU=store_gu, **opts)
+    grid = (plan.row_tiles(opts["BM"]), triton.cdiv(inter, opts["BN"]))
+    _swiglu_up_kernel[grid](hidden, plan.routing.token, gate_up_proj, h, gu, plan.bounds, hidden.shape[1], inter,
+                            hidden.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
+                            STORE_GU=store_gu, **plan.experts, **opts)
     return h, (gu if store_gu else None)
 
 
@@ -302,14 +296,13 @@ def grouped_rows(plan: _Plan, launch: str, a, b, n, *, a_idx=None, a_scale=None,
     c = _empty((out_rows or s, n), a)
     dgu = _empty(swiglu_gu.shape, a) if swiglu_gu is not None else c
     opts = plan.launch_opts(launch)
-    tile_expert, tile_row, n_tiles = plan.schedule(opts["BM"])
-    grid = (n_tiles, triton.cdiv(n, opts["BN"]))
+    grid = (plan.row_tiles(opts["BM"]), triton.cdiv(n, opts["BN"]))
     _grouped_rows_kernel[grid](
-        a, a_idx if a_idx is not None else plan.ends, a_scale if a_scale is not None else a, b, c,
-        c_idx if c_idx is not None else plan.ends, swiglu_gu if swiglu_gu is not None else c, dgu,
-        tile_expert, tile_row, plan.ends, n, k, a.stride(0), b.stride(0), b.stride(1), b.stride(2),
+        a, a_idx if a_idx is not None else plan.bounds, a_scale if a_scale is not None else a, b, c,
+        c_idx if c_idx is not None else plan.bounds, swiglu_gu if swiglu_gu is not None else c, dgu,
+        plan.bounds, n, k, a.stride(0), b.stride(0), b.stride(1), b.stride(2),
         c.stride(0), A_GATHER=a_idx is not None, A_SCALE=a_scale is not None, C_SCATTER=c_idx is not None,
-        SWIGLU_BWD=swiglu_gu is not None, **opts)
+        SWIGLU_BWD=swiglu_gu is not None, **plan.experts, **opts)
     return (c, dgu) if swiglu_gu is not None else c
 
 
@@ -320,8 +313,8 @@ def grouped_wgrad(plan: _Plan, launch: str, a, b, *, a_idx=None, a_scale=None, b
     opts = plan.launch_opts(launch)
     grid = (e, triton.cdiv(m, opts["BM"]), triton.cdiv(n, opts["BN"]))
     _grouped_wgrad_kernel[grid](
-        a, a_idx if a_idx is not None else plan.ends, a_scale if a_scale is not None else a, b,
-        b_idx if b_idx is not None else plan.ends, c, plan.bounds, m, n, a.stride(0), b.stride(0), c.stride(0),
+        a, a_idx if a_idx is not None else plan.bounds, a_scale if a_scale is not None else a, b,
+        b_idx if b_idx is not None else plan.bounds, c, plan.bounds, m, n, a.stride(0), b.stride(0), c.stride(0),
         A_GATHER=a_idx is not None, A_SCALE=a_scale is not None, B_GATHER=b_idx is not None, **opts)
     return c
 
@@ -339,21 +332,12 @@ def _forward_weights(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> tup
     return gate_up_proj.transpose(1, 2).contiguous().transpose(1, 2), down_proj.transpose(1, 2).contiguous()
 
 
-def _combine(y_tok: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """y_tok (T, k, H), weight (T, k) -> (T, H) = sum_j weight[t, j] y_tok[t, j], accumulated in fp32.
-    Elementwise: a (1 x k) @ (k x H) bmm per token is a batch of T tiny GEMMs. (An H100 profile showed 2 ms
-    of host time inside that bmm, but replacing it did not lower the op's host time per call: the wait moved
-    to the next op. benchmarks/results/2026-11-22-h100/moe_overhead_before.txt.)"""
-    return (y_tok.float() * weight.float().unsqueeze(-1)).sum(1).to(y_tok.dtype)
-
-
-
 class MoeMlpTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
         t, k = expert_idx.shape
         hdim = hidden.shape[1]
-        plan = _Plan(route(expert_idx, gate_up_proj.shape[0]), hidden.dtype)
+        plan = _Plan(expert_idx, gate_up_proj.shape[0], hidden.dtype)
         need_grad = any(ctx.needs_input_grad)
         w_up, w_down = _forward_weights(gate_up_proj, down_proj)
         h, gu = swiglu_up(plan, hidden, w_up, store_gu=need_grad)
@@ -361,25 +345,24 @@ class MoeMlpTriton(torch.autograd.Function):
         # y in slot order (t * k + j): the scatter is fused into the down GEMM's stores
         y_slot = grouped_rows(plan, "down_fwd", h, w_down, hdim, c_idx=plan.routing.perm)
         del w_down
-        y_tok = y_slot.view(t, k, hdim)
-        out = _combine(y_tok, expert_weight)
+        out = combine(y_slot, expert_weight, _empty((t, hdim), hidden))
         ctx.plan = plan
-        ctx.save_for_backward(hidden, expert_weight, gate_up_proj, down_proj, gu, y_tok)
+        ctx.save_for_backward(hidden, expert_weight, gate_up_proj, down_proj, gu, y_slot)
         return out
 
     @staticmethod
     @once_differentiable  # no double backward: fail loudly rather than give wrong 2nd-order grads
     def backward(ctx, dout):
-        hidden, expert_weight, gate_up_proj, down_proj, gu, y_tok = ctx.saved_tensors
+        hidden, expert_weight, gate_up_proj, down_proj, gu, y_slot = ctx.saved_tensors
         plan = ctx.plan
         r = plan.routing
-        t, k, hdim = y_tok.shape
+        (t, k), hdim = expert_weight.shape, y_slot.shape[1]
         inter = down_proj.shape[2]
         need_x, _, need_w, need_gu, need_down = ctx.needs_input_grad
         dout = dout.contiguous()
         d_hidden = d_weight = d_gate_up = d_down = None
         if need_w:
-            d_weight = (y_tok.float() * dout.float().unsqueeze(1)).sum(-1).to(expert_weight.dtype)
+            d_weight = choice_weight_grad(y_slot, dout, _empty((t, k), expert_weight))
         if need_x or need_gu or need_down:
             w_sorted = expert_weight.reshape(-1).index_select(0, r.perm)
             # dh = (w * dout[token]) @ down[e]; the epilogue turns it into dgu and recomputes h

@@ -45,9 +45,22 @@ def start_recording() -> None:
 
 def exercise_moe(configs) -> None:
     """configs: (dtype name, T, H, I, E, k). Forward + backward, and the inference forward."""
+    import moon_fast.kernels.moe as moe_triton
     import torch
-    from moon_fast.kernels.moe import moe_mlp_triton
 
+    from moon_fast.ops.moe_routing import route
+
+    # The routing kernels' launches are recorded, not run, so their outputs would be garbage indices for
+    # the torch ops after them: take the values from torch's sort instead (the same values; tested).
+    route_kernels = moe_triton.route_triton
+
+    def recorded_routing(expert_idx, num_experts):
+        route_kernels(expert_idx, num_experts)
+        r = route(expert_idx, num_experts)
+        return r, torch.cat([r.offsets.new_zeros(1), r.offsets])
+
+    moe_triton.route_triton = recorded_routing
+    moe_mlp_triton = moe_triton.moe_mlp_triton
     for dtype, t, h, inter, e, k in configs:
         dt = getattr(torch, dtype)
         hidden = torch.randn(t, h, dtype=dt, requires_grad=True)

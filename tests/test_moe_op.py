@@ -469,31 +469,6 @@ def test_grouped_mm_and_loop_paths_agree(monkeypatch):
     assert_close(slow[0], want, **tolerance(torch.float32), name="gmm vs loop")
 
 
-@pytest.mark.parametrize("t, k, e, block_m", [(37, 2, 5, 16), (1, 1, 9, 16), (200, 3, 7, 32), (64, 1, 1, 64),
-                                              (50, 2, 40, 8)])
-def test_triton_tile_schedule_covers_every_row_once(t, k, e, block_m):
-    """Each row of each expert lies in exactly one tile of that expert; surplus tiles are marked -1."""
-    pytest.importorskip("triton")
-    from moon_fast.kernels.moe import tile_schedule
-
-    from moon_fast.ops.moe_routing import route
-
-    idx = torch.randint(0, max(1, e // 2), (t, k))  # leaves the upper experts empty
-    r = route(idx, e)
-    tile_expert, tile_row, n = tile_schedule(r, block_m)
-    assert tile_expert.shape == (n,) and n >= int(((r.counts() + block_m - 1) // block_m).sum())
-    ends = r.offsets.long()
-    owner = torch.full((t * k,), -1)
-    for te, row in zip(tile_expert.tolist(), tile_row.tolist()):
-        if te < 0:
-            continue
-        rows = torch.arange(row, min(row + block_m, int(ends[te])))
-        assert rows.numel() > 0 and int(ends[te] - r.counts()[te]) <= row
-        assert (owner[rows] == -1).all(), "a row is covered twice"
-        owner[rows] = te
-    assert torch.equal(owner, idx.reshape(-1)[r.perm]), "rows not covered by their expert's tiles"
-
-
 def test_triton_tiles_per_launch_and_their_override(monkeypatch):
     """GPU tiles: one entry per launch; $MOON_FAST_MOE_TILES replaces the launches it names, and bad JSON
     fails with the variable's expected form."""

@@ -1,0 +1,110 @@
+"""The Triton MoE backend's helper kernels on their own: the routing (stable counting sort) against torch's
+sort-based ``route``, each GEMM program's row tile, and the weighted combine and its weight gradient against
+torch. Outputs start poisoned. (The whole op against the reference: tests/test_moe_op.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.utils import DTYPES, assert_close, poison_, tolerance
+
+triton = pytest.importorskip("triton")
+import moon_fast.kernels.moe_routing as moe_routing  # noqa: E402
+import triton.language as tl  # noqa: E402
+from moon_fast.kernels._utils import next_power_of_2  # noqa: E402
+from moon_fast.kernels.moe import _row_tile  # noqa: E402
+from moon_fast.kernels.moe_combine import choice_weight_grad, combine  # noqa: E402
+
+from moon_fast.ops.moe_routing import route  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def poison_routing_outputs(monkeypatch):
+    monkeypatch.setattr(moe_routing, "_empty",
+                        lambda shape, like, dtype=None: poison_(torch.empty(shape, dtype=dtype, device=like.device)))
+
+
+def expert_ids(t, k, e, kind, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "lower_half":  # the upper experts get no slot
+        idx = torch.randint(0, max(1, e // 2), (t, k), generator=gen)
+    elif kind == "one_expert":
+        idx = torch.full((t, k), e - 1)
+    else:
+        idx = torch.randint(0, e, (t, k), generator=gen)
+    return idx.to(device)
+
+
+# (T, k, E, max_chunks, ids): one slot; E = 1; empty experts; E not a power of two and > 16 lanes; several
+# chunks of several one-hot blocks each (S = 3000, 256-slot blocks, 2 chunks); more chunks than the cap
+# allows at one block each; E = 200 (256 lanes, 16-slot blocks).
+ROUTINGS = [(1, 1, 4, 128, "random"), (64, 1, 1, 128, "random"), (37, 2, 5, 128, "lower_half"),
+            (200, 3, 7, 2, "random"), (50, 2, 40, 4, "lower_half"), (1500, 2, 8, 2, "random"),
+            (300, 2, 3, 4, "one_expert"), (120, 2, 200, 128, "random")]
+
+
+@pytest.mark.parametrize("t, k, e, max_chunks, kind", ROUTINGS)
+def test_route_triton_matches_torch_route(t, k, e, max_chunks, kind, device):
+    idx = expert_ids(t, k, e, kind, device)
+    got, bounds = moe_routing.route_triton(idx, e, max_chunks=max_chunks)
+    want = route(idx, e)
+    for name in ("perm", "token", "inv_perm", "offsets"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs from torch's stable sort"
+    assert bounds.tolist() == [0, *want.offsets.tolist()]
+
+
+# One program per row tile: writes its expert (E or more for a surplus program), first row and row count.
+@triton.jit
+def _row_tile_probe(bounds_ptr, out_ptr, E: tl.constexpr, BM: tl.constexpr, EP: tl.constexpr):
+    e, rows, rmask = _row_tile(bounds_ptr, E, BM, EP)
+    tile = tl.program_id(0)
+    tl.store(out_ptr + tile * 3, e)
+    tl.store(out_ptr + tile * 3 + 1, tl.min(rows, 0).to(tl.int64))
+    tl.store(out_ptr + tile * 3 + 2, tl.sum(rmask.to(tl.int64), 0))
+
+
+@pytest.mark.parametrize("t, k, e, block_m", [(37, 2, 5, 16), (1, 1, 9, 16), (200, 3, 7, 32), (64, 1, 1, 64),
+                                              (50, 2, 40, 8), (40, 2, 3, 16)])
+def test_row_tiles_cover_every_row_once(t, k, e, block_m, device):
+    """Over the grid of cdiv(S, BM) + E programs, each row of each expert lies in exactly one program's tile,
+    of that expert, in order; every other program is marked surplus (expert >= E) and covers nothing."""
+    idx = expert_ids(t, k, e, "lower_half" if e > 2 else "random", device)
+    r, bounds = moe_routing.route_triton(idx, e)
+    n = triton.cdiv(t * k, block_m) + e
+    out = poison_(torch.empty(n, 3, dtype=torch.int64, device=device))
+    _row_tile_probe[(n,)](bounds, out, E=e, BM=block_m, EP=max(16, next_power_of_2(e)))
+    ends = [0, *r.offsets.tolist()]
+    owner = torch.full((t * k,), -1)
+    tiles = 0
+    for te, first, count in out.tolist():
+        if te >= e:
+            assert count == 0, "a surplus program covers rows"
+            continue
+        tiles += 1
+        assert 0 < count <= block_m and ends[te] <= first and first + count <= ends[te + 1]
+        assert (owner[first:first + count] == -1).all(), "a row is covered twice"
+        owner[first:first + count] = te
+    assert torch.equal(owner, idx.reshape(-1)[r.perm].cpu()), "rows not covered by their expert's tiles"
+    assert tiles == sum(-(-(ends[i + 1] - ends[i]) // block_m) for i in range(e))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("t, k, h", [(1, 1, 8), (17, 2, 131), (5, 4, 20), (33, 3, 256)])
+def test_combine_and_choice_grad_match_torch(t, k, h, dtype, device):
+    """combine: out[t] = sum_j w[t, j] y[t k + j]; choice_weight_grad: dw[t, j] = <y[t k + j], dout[t]>; both
+    against the same sums in fp64 from the same rounded inputs, within one rounding of the output dtype.
+    (17 tokens and H = 131 leave partial blocks of 16 tokens and 128 columns.)"""
+    gen = torch.Generator().manual_seed(t * 100 + h)
+    y = torch.randn(t * k, h, generator=gen).to(dtype).to(device)
+    w = torch.rand(t, k, generator=gen).to(dtype).to(device)
+    dout = torch.randn(t, h, generator=gen).to(dtype).to(device)
+    out = combine(y, w, poison_(torch.empty(t, h, dtype=dtype, device=device)))
+    want = (y.double().view(t, k, h) * w.double()[:, :, None]).sum(1)
+    assert_close(out.double(), want, **tolerance(dtype), name="combine")
+    dw = choice_weight_grad(y, dout, poison_(torch.empty(t, k, dtype=dtype, device=device)))
+    want_dw = (y.double().view(t, k, h) * dout.double()[:, None, :]).sum(-1)
+    # a dot of h terms: fp32 accumulation error grows with sqrt(h) x the terms' size
+    assert_close(dw.double(), want_dw, **tolerance(dtype, scale=max(1.0, h**0.5 / 4)), name="choice_weight_grad")
+
