@@ -19,15 +19,13 @@ Each time is the median of ``triton.testing.do_bench`` (CUDA events, L2 flushed 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 
 import torch
 from moe_gpu_launches import BACKWARD, FORWARD, MoeLaunches, device_ms
 
-from moon_fast.bench.harness import machine_info
+from moon_fast.bench.harness import machine_info, write_rows
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -83,14 +81,7 @@ def main(argv=None) -> int:
         for shp in args.shapes.split(","):
             t, e = (int(v) for v in shp.split("x"))
             rows += measure_shape(t, 1024, 1024, e, 2, DTYPES[name], args.backends.split(","))
-            with open(os.path.join(args.out, "moe_gpu_gemm.json"), "w") as f:  # saved after each shape
-                json.dump({"machine": info, "rows": rows}, f, indent=1)
-    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    with open(os.path.join(args.out, "moe_gpu_gemm.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys + ["commit", "device", "torch", "triton"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, **{k: info[k] for k in ("commit", "device", "torch", "triton")}})
+            write_rows(args.out, "moe_gpu_gemm", info, rows)  # saved after each shape
     return 0
 
 

@@ -13,8 +13,6 @@ by the profiler, on a GPU.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 
@@ -24,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from moon_fast.bench.harness import DTYPES, machine_info  # noqa: E402
+from moon_fast.bench.harness import DTYPES, machine_info, write_rows  # noqa: E402
 from moon_fast.bench.launches import count_launches, cuda_kernels  # noqa: E402
 from moon_fast.bench.moe import make_problem  # noqa: E402
 from moon_fast.ops import moe_mlp  # noqa: E402
@@ -90,15 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{backend:10s} {row['phase']:8s} " + (row.get("detail") or "")
                   + (f"; CUDA kernels {row['cuda_kernels']}" if "cuda_kernels" in row else ""), flush=True)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "moe_launch_count.json"), "w") as f:
-            json.dump({"machine": info, "rows": rows}, f, indent=1)
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(os.path.join(args.out, "moe_launch_count.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys + ["commit", "device", "torch", "triton"])
-            w.writeheader()
-            for r in rows:
-                w.writerow({**r, **{k: info[k] for k in ("commit", "device", "torch", "triton")}})
+        write_rows(args.out, "moe_launch_count", info, rows)
     return 0
 
 

@@ -17,6 +17,11 @@
 //     fp32: deterministic, no float atomics); weight absent = 1 (the backward of the gather)
 //   moe_unpermute_weight_grad(dout (T, H), y (S, H), inv_perm (S,), k, dw (T, k)!)
 //     dw[t, j] = <dout[t], y[inv_perm[t * k + j]]>                        (block reduction per token)
+//   moe_swiglu(gu (S, 2I), h (S, I)!)
+//     h = silu(gate) * up, gate = gu[:, :I], up = gu[:, I:]               (one block per row, fp32 math)
+//   moe_swiglu_backward_(dh (S, I)!, gu (S, 2I), dgu (S, 2I)!)
+//     dgu = (d gate, d up) of h = silu(gate) * up; h recomputed into dh's memory (the caller's next use)
+//     One pass over memory each, where torch ops take two (forward) and five (backward) launches.
 // Index widths: slots and rows are int64 in memory and in address arithmetic; counts are int32, which
 // the launcher guards (S < 2^31).
 #include "mf_cuda.cuh"
@@ -138,6 +143,36 @@ __global__ void moe_unpermute_weight_grad_kernel(const scalar_t* __restrict__ do
   }
 }
 
+// sigmoid in fp32; exp(-g) overflows to inf for g < -88, and 1 / inf = 0 is the right limit
+__device__ __forceinline__ float moe_sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
+
+template <typename scalar_t>
+__global__ void moe_swiglu_kernel(const scalar_t* __restrict__ gu, long inter, scalar_t* __restrict__ h) {
+  const long r = blockIdx.x;
+  const scalar_t* gate = gu + r * 2 * inter;
+  for (long c = threadIdx.x; c < inter; c += blockDim.x) {
+    const float g = static_cast<float>(gate[c]);
+    h[r * inter + c] = static_cast<scalar_t>(g * moe_sigmoid(g) * static_cast<float>(gate[inter + c]));
+  }
+}
+
+// dh_h holds dh on entry and h on exit: each element is read before it is written, by the same thread.
+template <typename scalar_t>
+__global__ void moe_swiglu_backward_kernel(scalar_t* dh_h, const scalar_t* __restrict__ gu, long inter,
+                                           scalar_t* __restrict__ dgu) {
+  const long r = blockIdx.x;
+  const scalar_t* gate = gu + r * 2 * inter;
+  scalar_t* d_gate = dgu + r * 2 * inter;
+  scalar_t* row = dh_h + r * inter;
+  for (long c = threadIdx.x; c < inter; c += blockDim.x) {
+    const float g = static_cast<float>(gate[c]), u = static_cast<float>(gate[inter + c]);
+    const float d = static_cast<float>(row[c]), s = moe_sigmoid(g), silu = g * s;
+    d_gate[c] = static_cast<scalar_t>(d * u * s * (1.f + g * (1.f - s)));
+    d_gate[inter + c] = static_cast<scalar_t>(d * silu);
+    row[c] = static_cast<scalar_t>(silu * u);
+  }
+}
+
 void check_index(const at::Tensor& t, const char* name) {
   MF_CHECK_DEVICE(t, name);
   MF_CHECK_CONTIGUOUS(t, name);
@@ -242,6 +277,38 @@ void moe_unpermute_weight_grad(const at::Tensor& dout, const at::Tensor& y, cons
               inv_perm.data_ptr<int64_t>(), int(top_k), y.size(1), dw.data_ptr<scalar_t>());
   });
 }
+void check_swiglu(const at::Tensor& gu, const at::Tensor& act, const char* name) {
+  check_rows(gu, "gu");
+  check_rows(act, name);
+  TORCH_CHECK(act.scalar_type() == gu.scalar_type(), "moe_swiglu: ", name, " must be in gu's dtype ",
+              gu.scalar_type(), ", got ", act.scalar_type());
+  TORCH_CHECK(gu.size(1) % 2 == 0 && act.size(0) == gu.size(0) && act.size(1) * 2 == gu.size(1),
+              "moe_swiglu: gu must be (S, 2I) and ", name, " (S, I); got ", gu.sizes(), " and ", act.sizes());
+  TORCH_CHECK(gu.size(0) < (1L << 31), "moe_swiglu: ", gu.size(0), " rows exceed the grid");
+}
+
+void moe_swiglu(const at::Tensor& gu, at::Tensor h) {
+  check_swiglu(gu, h, "h");
+  if (h.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gu.scalar_type(), "moe_swiglu", [&] {
+    auto kern = moe_swiglu_kernel<scalar_t>;
+    MF_LAUNCH(kern, dim3(unsigned(gu.size(0))), dim3(kThreads), gu.data_ptr<scalar_t>(), h.size(1),
+              h.data_ptr<scalar_t>());
+  });
+}
+
+void moe_swiglu_backward_(at::Tensor dh, const at::Tensor& gu, at::Tensor dgu) {
+  check_swiglu(gu, dh, "dh");
+  check_rows(dgu, "dgu");
+  TORCH_CHECK(dgu.sizes() == gu.sizes() && dgu.scalar_type() == gu.scalar_type(),
+              "moe_swiglu_backward_: dgu must have gu's shape ", gu.sizes(), " and dtype");
+  if (dh.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gu.scalar_type(), "moe_swiglu_backward_", [&] {
+    auto kern = moe_swiglu_backward_kernel<scalar_t>;
+    MF_LAUNCH(kern, dim3(unsigned(gu.size(0))), dim3(kThreads), dh.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>(),
+              dh.size(1), dgu.data_ptr<scalar_t>());
+  });
+}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(MF_NS, m) {
@@ -251,4 +318,6 @@ TORCH_LIBRARY_FRAGMENT(MF_NS, m) {
   m.def("moe_unpermute(Tensor y, Tensor inv_perm, Tensor? weight, int top_k, Tensor(a!) out) -> ()", &moe_unpermute);
   m.def("moe_unpermute_weight_grad(Tensor dout, Tensor y, Tensor inv_perm, int top_k, Tensor(a!) dw) -> ()",
         &moe_unpermute_weight_grad);
+  m.def("moe_swiglu(Tensor gu, Tensor(a!) h) -> ()", &moe_swiglu);
+  m.def("moe_swiglu_backward_(Tensor(a!) dh, Tensor gu, Tensor(b!) dgu) -> ()", &moe_swiglu_backward_);
 }

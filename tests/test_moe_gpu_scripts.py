@@ -53,3 +53,19 @@ def test_probes_run():
     import moe_gpu_probes
 
     assert moe_gpu_probes.main(["--t", "40", "--width", "32", "--device", "cpu"]) == 0
+
+
+def test_launch_count_writes_its_rows(tmp_path):
+    """moe_launch_count.py runs off a GPU (interpreter) and writes one forward and one backward row per backend
+    it can count, with the machine stamp."""
+    import csv
+
+    import moe_launch_count
+
+    assert moe_launch_count.main(["--out", str(tmp_path), "--shape", "24,16,8,3,2"]) == 0
+    with open(tmp_path / "moe_launch_count.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["backend"], r["phase"]) for r in rows] == [
+        (b, p) for b in ("triton", "torch", "grouped_mm") for p in ("forward", "backward")]
+    triton_total = sum(int(r["launches"]) for r in rows if r["backend"] == "triton")
+    assert triton_total == 15 and all(r["torch"] == torch.__version__ for r in rows)

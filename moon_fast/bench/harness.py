@@ -142,6 +142,23 @@ def machine_info() -> dict:
     }
 
 
+def write_rows(out_dir: str, stem: str, info: dict, rows: list[dict]) -> None:
+    """For the standalone scripts in benchmarks/: ``stem``.json ({"machine": info, "rows": rows}) and
+    ``stem``.csv (one line per row, plus the commit, device, torch and triton of ``info``) under ``out_dir``."""
+    import csv
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump({"machine": info, "rows": rows}, f, indent=1)
+    stamp = {k: info.get(k) for k in ("commit", "device", "torch", "triton")}
+    keys = list(dict.fromkeys(k for r in rows for k in r)) + list(stamp)
+    with open(os.path.join(out_dir, f"{stem}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, **stamp})
+
+
 def _thp_mode() -> str | None:
     """The kernel's transparent-huge-page mode ("always", "madvise" or "never"), None if unknown."""
     try:

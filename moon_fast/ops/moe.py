@@ -14,8 +14,8 @@ Backends (see :mod:`moon_fast.backends` for ``auto``):
   experts do); a peer.
 * ``triton``: grouped GEMM kernels with the SwiGLU fused into the first GEMM's epilogue and the
   gather / weighted scatter fused into the GEMM loads / stores (kernels/moe.py).
-* ``cuda`` / ``cuda_emu``: csrc/moe.cu routing metadata (histogram, scan, stable permutation), permute
-  and weighted-unpermute kernels; GEMMs through grouped_mm / cuBLAS (moe_cuda.py).
+* ``cuda`` / ``cuda_emu``: csrc/moe.cu routing metadata (histogram, scan, stable permutation), permute,
+  SwiGLU and weighted-unpermute kernels; GEMMs through grouped_mm / cuBLAS (moe_cuda.py).
 * ``cpu``: the dataflow of ``cuda`` with native multithreaded CPU kernels (csrc/cpu/moe_cpu.cpp) for the
   gather, SwiGLU and its backward, the weighted unpermute and its weight gradient (one pass over memory
   each, fp32 arithmetic), and its own grouped GEMMs (csrc/cpu/grouped_gemm_cpu.cpp: single-threaded
@@ -194,8 +194,8 @@ def _csrc_unavailable(check):
             return reason
         from moon_fast import _ext
 
-        if not hasattr(_ext.csrc_ops(device), "moe_routing"):
-            return "the moon_fast extension was built before csrc/moe.cu existed; rebuild it with `make build`"
+        if not hasattr(_ext.csrc_ops(device), "moe_swiglu"):
+            return "the moon_fast extension was built before csrc/moe.cu's current kernels; rebuild it with `make build`"
         return None
 
     return unavailable

@@ -4,9 +4,10 @@ One dataflow (``MoeMlpCsrc``), two kernel sets (``Kernels``):
 
 * ``cuda`` / ``cuda_emu``: csrc/moe.cu kernels for the routing metadata (histogram, scan, stable
   permutation), the gather of token rows (with the routing-weight scale in the backward), the weighted
-  unpermute and its weight gradient; SwiGLU in torch ops. On CPU tensors the same kernels run under the
+  unpermute and its weight gradient, and the SwiGLU and its backward (one launch and one pass over memory
+  each, where torch ops took two and five launches). On CPU tensors the same kernels run under the
   emulator (``cuda_emu``, tests only).
-* ``cpu``: the same three data-movement ops plus the SwiGLU and its backward as native multithreaded CPU
+* ``cpu``: the same data-movement and SwiGLU ops as native multithreaded CPU
   kernels (moon_fast._C_cpu, csrc/cpu/moe_cpu.cpp), one pass over memory each; the grouped GEMMs as
   single-threaded oneDNN / MKL calls on independent (expert, row chunk) tasks spread over the threads
   (csrc/cpu/grouped_gemm_cpu.cpp, which says why); routing by moe_routing.route (a sort: cheap on the CPU).
@@ -20,13 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from moon_fast import _ext
 from moon_fast.ops.moe_gemm import gmm, gmm_wgrad
 from moon_fast.ops.moe_routing import Routing, route
-from moon_fast.ops.moe_torch import swiglu_backward
 
 ROUTING_CHUNK = 256  # slots per block of the routing kernels (kChunk in csrc/moe.cu)
 
@@ -38,8 +37,9 @@ def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
 
 def ops_for(device: torch.device):
     ops = _ext.csrc_ops(device)
-    if not hasattr(ops, "moe_routing"):
-        raise RuntimeError("the moon_fast extension was built without csrc/moe.cu; rebuild it with `make build`")
+    if not hasattr(ops, "moe_swiglu"):
+        raise RuntimeError("the moon_fast extension was built without csrc/moe.cu's current kernels; rebuild it "
+                           "with `make build`")
     return ops
 
 
@@ -62,14 +62,12 @@ def csrc_route(expert_idx: torch.Tensor, num_experts: int) -> Routing:
 @dataclass(frozen=True)
 class Kernels:
     """The non-GEMM steps of the csrc dataflow. ``ops(device)`` gives the op namespace with moe_permute,
-    moe_unpermute and moe_unpermute_weight_grad; ``native_swiglu``: it also has moe_swiglu and
-    moe_swiglu_backward_ (else SwiGLU runs as torch ops); ``native_gemm``: it has moe_grouped_mm and
+    moe_unpermute, moe_unpermute_weight_grad, moe_swiglu and moe_swiglu_backward_; ``native_gemm``: it has moe_grouped_mm and
     moe_grouped_mm_wgrad (else moe_gemm's grouped_mm / matmul loop). ``save_gathered``: keep the gathered
     input rows (S, H) for the backward rather than gathering them again (S * H more saved memory, one pass less)."""
 
     ops: Callable[[torch.device], object]
     route: Callable[[torch.Tensor, int], Routing]
-    native_swiglu: bool
     native_gemm: bool = False
     save_gathered: bool = False
 
@@ -120,8 +118,6 @@ class Kernels:
     def swiglu(self, gu: torch.Tensor) -> torch.Tensor:
         """gu (S, 2I) -> h (S, I) = silu(gate) * up."""
         inter = gu.shape[1] // 2
-        if not self.native_swiglu:
-            return F.silu(gu[:, :inter]) * gu[:, inter:]
         gu = gu.contiguous()
         h = _empty((gu.shape[0], inter), gu)
         self.ops(gu.device).moe_swiglu(gu, h)
@@ -129,11 +125,7 @@ class Kernels:
 
     def swiglu_backward(self, dh: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """dh (S, I), gu (S, 2I) -> (d gu (S, 2I), h (S, I)): the gradient and the recomputed activation.
-        Consumes dh: the native kernel writes h into its memory."""
-        if not self.native_swiglu:
-            inter = gu.shape[1] // 2
-            silu_gate = F.silu(gu[:, :inter])  # once, for both the gradient and h
-            return swiglu_backward(dh, gu, silu_gate), silu_gate * gu[:, inter:]
+        Consumes dh: the kernel writes h into its memory."""
         dh, gu = dh.contiguous(), gu.contiguous()
         dgu = _empty(gu.shape, gu)
         self.ops(gu.device).moe_swiglu_backward_(dh, gu, dgu)
@@ -146,9 +138,9 @@ def cpu_ops(device: torch.device):
     return _ext.cpu_ops()
 
 
-CSRC_KERNELS = Kernels(ops=ops_for, route=csrc_route, native_swiglu=False)
+CSRC_KERNELS = Kernels(ops=ops_for, route=csrc_route)
 # On the CPU a gather into fresh memory costs several ms (page faults on first touch): keep xs.
-CPU_KERNELS = Kernels(ops=cpu_ops, route=route, native_swiglu=True, native_gemm=True, save_gathered=True)
+CPU_KERNELS = Kernels(ops=cpu_ops, route=route, native_gemm=True, save_gathered=True)
 
 
 class MoeMlpCsrc(torch.autograd.Function):
