@@ -277,6 +277,7 @@ void moe_unpermute_weight_grad(const at::Tensor& dout, const at::Tensor& y, cons
               inv_perm.data_ptr<int64_t>(), int(top_k), y.size(1), dw.data_ptr<scalar_t>());
   });
 }
+
 void check_swiglu(const at::Tensor& gu, const at::Tensor& act, const char* name) {
   check_rows(gu, "gu");
   check_rows(act, name);

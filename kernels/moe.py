@@ -15,9 +15,10 @@ Kernels (shapes above each):
 * ``_grouped_wgrad_kernel``: dW[e] = (scale * A[a_idx])^T B[b_idx] over expert e's rows (zero when it has
   none): the weight gradients.
 The k contributions of each token are combined, and the routing weights' gradient computed, by one launch
-each (kernels/moe_combine.py: fp32 accumulation, deterministic). One forward+backward makes 11 launches
-(8 of them Triton) where it made about 60 small torch ops and 6 Triton launches: on an H100 the op was
-bound by host time per launch (benchmarks/results/2026-11-22-h100/moe_gpu_probes_539dfd1.txt).
+each (kernels/moe_combine.py: fp32 accumulation, deterministic). One forward+backward makes 10 Triton
+launches and 5 torch ops (3 of them moe_mlp's expert-range check; 5 on a GPU), where it made 6 Triton
+launches and 52 torch ops (benchmarks/moe_launch_count.py): on an H100 the op was bound by host time per
+launch (benchmarks/results/2026-11-22-h100/moe_gpu_probes_539dfd1.txt).
 """
 
 from __future__ import annotations
