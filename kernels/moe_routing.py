@@ -94,6 +94,15 @@ def route_triton(expert_idx: torch.Tensor, num_experts: int, *, max_chunks: int 
     t, top_k = expert_idx.shape
     s = t * top_k
     ids = expert_idx.reshape(-1)
+    perm = _empty((s,), ids, torch.int64)
+    token = _empty((s,), ids, torch.int64)
+    inv_perm = _empty((s,), ids, torch.int64)
+    bounds = _empty((num_experts + 1,), ids, torch.int32)
+    routing = Routing(perm=perm, token=token, inv_perm=inv_perm, offsets=bounds[1:], num_experts=num_experts,
+                      top_k=top_k)
+    if s == 0:  # no slots: every expert is empty
+        bounds.zero_()
+        return routing, bounds
     ep = max(16, next_power_of_2(num_experts))
     sb = max(16, _ONE_HOT_ENTRIES // ep)
     chunks = min(max_chunks, triton.cdiv(s, sb))
@@ -101,13 +110,7 @@ def route_triton(expert_idx: torch.Tensor, num_experts: int, *, max_chunks: int 
     chunks = triton.cdiv(s, chunk)
     rb = max(2, min(max_chunks, _ONE_HOT_ENTRIES // ep))
     hist = _empty((chunks, ep), ids, torch.int32)
-    perm = _empty((s,), ids, torch.int64)
-    token = _empty((s,), ids, torch.int64)
-    inv_perm = _empty((s,), ids, torch.int64)
-    bounds = _empty((num_experts + 1,), ids, torch.int32)
     _chunk_histogram_kernel[(chunks,)](ids, hist, s, chunk, EP=ep, SB=sb)
     _chunk_scatter_kernel[(chunks,)](ids, hist, perm, token, inv_perm, bounds, s, chunk, chunks, num_experts,
                                      top_k, EP=ep, SB=sb, RB=rb)
-    routing = Routing(perm=perm, token=token, inv_perm=inv_perm, offsets=bounds[1:], num_experts=num_experts,
-                      top_k=top_k)
     return routing, bounds

@@ -36,10 +36,10 @@ def expert_ids(t, k, e, kind, device, seed=0):
     return idx.to(device)
 
 
-# (T, k, E, max_chunks, ids): one slot; E = 1; empty experts; E not a power of two and > 16 lanes; several
+# (T, k, E, max_chunks, ids): no slot; one slot; E = 1; empty experts; E not a power of two and > 16 lanes; several
 # chunks of several one-hot blocks each (S = 3000, 256-slot blocks, 2 chunks); more chunks than the cap
 # allows at one block each; E = 200 (256 lanes, 16-slot blocks).
-ROUTINGS = [(1, 1, 4, 128, "random"), (64, 1, 1, 128, "random"), (37, 2, 5, 128, "lower_half"),
+ROUTINGS = [(0, 2, 3, 128, "random"), (1, 1, 4, 128, "random"), (64, 1, 1, 128, "random"), (37, 2, 5, 128, "lower_half"),
             (200, 3, 7, 2, "random"), (50, 2, 40, 4, "lower_half"), (1500, 2, 8, 2, "random"),
             (300, 2, 3, 4, "one_expert"), (120, 2, 200, 128, "random")]
 
