@@ -15,10 +15,11 @@ Kernels (shapes above each):
 * ``_grouped_wgrad_kernel``: dW[e] = (scale * A[a_idx])^T B[b_idx] over expert e's rows (zero when it has
   none): the weight gradients.
 The k contributions of each token are combined, and the routing weights' gradient computed, by one launch
-each (kernels/moe_combine.py: fp32 accumulation, deterministic). One forward+backward makes 10 Triton
-launches and 5 torch ops (3 of them moe_mlp's expert-range check; 5 on a GPU), where it made 6 Triton
-launches and 52 torch ops (benchmarks/moe_launch_count.py): on an H100 the op was bound by host time per
-launch (benchmarks/results/2026-11-22-h100/moe_gpu_probes_539dfd1.txt).
+each (kernels/moe_combine.py: fp32 accumulation, deterministic). On a GPU moe_mlp leaves the expert-range
+check to the routing (moe_routing.assert_all_routed: 2 launches, where its own check takes 5). Counted on
+the CPU (benchmarks/moe_launch_count.py), one forward+backward made 58 launches (52 torch ops, 6 Triton)
+and now makes 17 (7 and 10), 3 of them moe_mlp's own CPU range check; on a GPU, 14. On an H100 the op was
+bound by host time per launch (benchmarks/results/2026-11-22-h100/moe_gpu_probes_539dfd1.txt).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from moon_fast.kernels._utils import compute_dtype_for, interpreting, next_power
 from moon_fast.kernels.moe_combine import choice_weight_grad, combine
 from moon_fast.kernels.moe_routing import route_triton
 from torch.autograd.function import once_differentiable
+
+from moon_fast.ops.moe_routing import assert_all_routed
 
 
 def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -259,6 +262,7 @@ class _Plan:
 
     def __init__(self, expert_idx: torch.Tensor, num_experts: int, dtype: torch.dtype):
         self.routing, self.bounds = route_triton(expert_idx, num_experts)
+        assert_all_routed(self.routing)  # moe_mlp leaves the expert-range check to this on a GPU
         self.cfg = tile_sizes(dtype)
         # E is a compile-time constant of the row-tile kernels (one compile per model); EP >= E lanes for
         # _row_tile's search over the experts

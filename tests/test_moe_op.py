@@ -226,6 +226,18 @@ def test_csrc_routing_matches_torch(t, k, e, routing):
     assert torch.equal(got.inv_perm, want.inv_perm)
 
 
+@pytest.mark.parametrize("bad", [-1, 5, 2**40])
+def test_csrc_routing_asserts_on_expert_ids_out_of_range(bad):
+    """On a GPU moe_mlp leaves the range check to the routing (moe_routing.assert_all_routed): the kernels
+    skip a bad id without writing through it, and the assert sees the slot missing."""
+    _skip_unavailable("cuda_emu")
+    from moon_fast.ops.moe_cuda import csrc_route
+
+    idx = torch.tensor([[0, 1], [2, bad], [4, 3]])
+    with pytest.raises(RuntimeError, match=r"expert_idx has values outside \[0, 5\)"):
+        csrc_route(idx, 5)
+
+
 def _kernels(name):
     """The csrc kernel set behind backend ``name``: csrc/moe.cu under the emulator, or csrc/cpu/."""
     from moon_fast.ops.moe_cuda import CPU_KERNELS, CSRC_KERNELS

@@ -16,7 +16,7 @@ from moon_fast.kernels._utils import next_power_of_2  # noqa: E402
 from moon_fast.kernels.moe import _row_tile  # noqa: E402
 from moon_fast.kernels.moe_combine import choice_weight_grad, combine  # noqa: E402
 
-from moon_fast.ops.moe_routing import route  # noqa: E402
+from moon_fast.ops.moe_routing import assert_all_routed, route  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +53,20 @@ def test_route_triton_matches_torch_route(t, k, e, max_chunks, kind, device):
         a, b = getattr(got, name), getattr(want, name)
         assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs from torch's stable sort"
     assert bounds.tolist() == [0, *want.offsets.tolist()]
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 2**40])
+def test_route_triton_skips_bad_ids_and_the_assert_catches_them(bad, device):
+    """A bad id is never written through (the other slots still land where a stable sort puts them), so
+    the last bound counts the good slots only, and assert_all_routed (the range check moe_mlp relies on
+    for this backend on a GPU) fails. On a GPU the failing assert itself is not run: a device-side assert
+    would leave the CUDA context unusable for the tests after it."""
+    idx = torch.tensor([[0, 1], [2, bad], [4, 3]], device=device)  # slot 3 is bad
+    got, bounds = moe_routing.route_triton(idx, 5)
+    assert bounds.tolist() == [0, 1, 2, 3, 4, 5] and got.perm[:5].tolist() == [0, 1, 2, 5, 4]
+    if device.type == "cpu":
+        with pytest.raises(RuntimeError, match=r"expert_idx has values outside \[0, 5\)"):
+            assert_all_routed(got)
 
 
 # One program per row tile: writes its expert (E or more for a surplus program), first row and row count.

@@ -39,6 +39,7 @@ from moon_fast.backends import (
     package_unavailable,
     triton_unavailable,
 )
+from moon_fast.ops.moe_routing import expert_range_message
 
 BACKENDS = op_backends("moe_mlp", {"cuda": ("triton", "cuda", "grouped_mm", "torch"), "cpu": ("cpu", "torch")})
 # auto on a GPU in bf16: `cuda` first. On an H100 it was the fastest backend at every T and E measured
@@ -52,6 +53,9 @@ def _auto_order(hidden: torch.Tensor):
     """auto's preference for these inputs: `_CUDA_BF16_ORDER` for bf16 on a GPU, else None (the device's)."""
     return _CUDA_BF16_ORDER if hidden.device.type == "cuda" and hidden.dtype == torch.bfloat16 else None
 
+# On a GPU these backends' routing kernels skip ids outside [0, E) and then assert that no slot was skipped
+# (moe_routing.assert_all_routed: 2 launches), in place of _check_expert_range's 5.
+_ROUTING_CHECKS_RANGE = ("triton", "cuda")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_SLOTS = 2**31 - 1  # grouped_mm offsets and the csrc kernels index slots with int32
 
@@ -105,7 +109,6 @@ def _check_inputs(hidden, expert_idx, expert_weight, gate_up_proj, down_proj) ->
     if num_tokens * top_k > _MAX_SLOTS:
         raise ValueError(f"moe_mlp: T * k = {num_tokens * top_k} routed slots exceed {_MAX_SLOTS} (int32 "
                          "offsets); split the batch")
-    _check_expert_range(expert_idx, num_experts)
 
 
 def _check_expert_range(expert_idx: torch.Tensor, num_experts: int) -> None:
@@ -115,7 +118,7 @@ def _check_expert_range(expert_idx: torch.Tensor, num_experts: int) -> None:
         return
     if expert_idx.device.type == "cuda":
         ok = ((expert_idx >= 0) & (expert_idx < num_experts)).all()
-        torch._assert_async(ok, f"moe_mlp: expert_idx has values outside [0, {num_experts}) (E = {num_experts})")
+        torch._assert_async(ok, expert_range_message(num_experts))
         return
     lo, hi = torch.aminmax(expert_idx)
     if int(lo) < 0 or int(hi) >= num_experts:
@@ -134,6 +137,8 @@ def moe_mlp(hidden, expert_idx, expert_weight, gate_up_proj, down_proj, *, backe
         hidden.device, hidden, expert_weight, gate_up_proj, down_proj, policy="lower_precision")
     _check_inputs(hidden, expert_idx, expert_weight, gate_up_proj, down_proj)
     impl = BACKENDS.resolve(backend, hidden.device, order=_auto_order(hidden))
+    if not (hidden.device.type == "cuda" and impl.name in _ROUTING_CHECKS_RANGE):
+        _check_expert_range(expert_idx, gate_up_proj.shape[0])
     if hidden.shape[0] == 0:  # no tokens: an empty output that still belongs to the graph
         return hidden * 0
     expert_idx = expert_idx.long().contiguous()

@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from moon_fast import _ext
 from moon_fast.ops.moe_gemm import gmm, gmm_wgrad
-from moon_fast.ops.moe_routing import Routing, route
+from moon_fast.ops.moe_routing import Routing, assert_all_routed, route
 
 ROUTING_CHUNK = 256  # slots per block of the routing kernels (kChunk in csrc/moe.cu)
 
@@ -56,7 +56,9 @@ def csrc_route(expert_idx: torch.Tensor, num_experts: int) -> Routing:
     scratch = torch.empty(((s + ROUTING_CHUNK - 1) // ROUTING_CHUNK, num_experts), dtype=torch.int32,
                           device=expert_idx.device)
     ops.moe_routing(expert_idx, num_experts, perm, token, inv_perm, offsets, scratch)
-    return Routing(perm=perm, token=token, inv_perm=inv_perm, offsets=offsets, num_experts=num_experts, top_k=k)
+    routing = Routing(perm=perm, token=token, inv_perm=inv_perm, offsets=offsets, num_experts=num_experts, top_k=k)
+    assert_all_routed(routing)  # moe_mlp leaves the expert-range check to this on a GPU
+    return routing
 
 
 @dataclass(frozen=True)

@@ -60,3 +60,15 @@ def route(expert_idx: torch.Tensor, num_experts: int) -> Routing:
     inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
     return Routing(perm=perm, token=torch.div(perm, top_k, rounding_mode="floor"), inv_perm=inv_perm,
                    offsets=offsets, num_experts=num_experts, top_k=top_k)
+
+
+def expert_range_message(num_experts: int) -> str:
+    return f"moe_mlp: expert_idx has values outside [0, {num_experts}) (E = {num_experts})"
+
+
+def assert_all_routed(routing: Routing) -> None:
+    """Asserts on the device that every slot found its expert. The triton and csrc routing kernels skip ids
+    outside [0, E), so the last offset falls short of S exactly when some id is out of range. Two launches
+    (a compare and an assert), asynchronous on a GPU: the error surfaces at the next synchronisation."""
+    if routing.num_slots:
+        torch._assert_async(routing.offsets[-1] == routing.num_slots, expert_range_message(routing.num_experts))
