@@ -27,3 +27,9 @@ def compute_dtype_for(dtype: torch.dtype):
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """An uninitialised buffer for a kernel to fill, on ``like``'s device (``like``'s dtype by default). The
+    MoE launchers allocate through this one function, so tests replace it to poison every such buffer."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)

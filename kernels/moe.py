@@ -30,18 +30,13 @@ import os
 import torch
 import triton
 import triton.language as tl
+from moon_fast.kernels import _utils
 from moon_fast.kernels._utils import compute_dtype_for, interpreting, next_power_of_2
 from moon_fast.kernels.moe_combine import choice_weight_grad, combine
 from moon_fast.kernels.moe_routing import route_triton
 from torch.autograd.function import once_differentiable
 
 from moon_fast.ops.moe_routing import assert_all_routed
-
-
-def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """Output allocation; tests replace it to poison outputs with NaN before the kernels write them."""
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-
 
 # The six launches of one forward + backward, each with its own tiles (benchmarks/moe_triton_tiles.py times
 # them one by one against the dense cuBLAS product of the same FLOPs).
@@ -281,8 +276,8 @@ class _Plan:
 def swiglu_up(plan: _Plan, hidden, gate_up_proj, store_gu: bool):
     """hidden (T, H), gate_up_proj (E, 2I, H) any strides -> h (S, I), gu (S, 2I) or None."""
     s, inter = plan.routing.num_slots, gate_up_proj.shape[1] // 2
-    h = _empty((s, inter), hidden)
-    gu = _empty((s, 2 * inter), hidden) if store_gu else h  # dummy pointer when not stored
+    h = _utils.new_output((s, inter), hidden)
+    gu = _utils.new_output((s, 2 * inter), hidden) if store_gu else h  # dummy pointer when not stored
     opts = plan.launch_opts("swiglu_up")
     grid = (plan.row_tiles(opts["BM"]), triton.cdiv(inter, opts["BN"]))
     _swiglu_up_kernel[grid](hidden, plan.routing.token, gate_up_proj, h, gu, plan.bounds, hidden.shape[1], inter,
@@ -298,8 +293,8 @@ def grouped_rows(plan: _Plan, launch: str, a, b, n, *, a_idx=None, a_scale=None,
     ``launch``: which of LAUNCHES this is (its tiles)."""
     s = plan.routing.num_slots
     k = a.shape[1]
-    c = _empty((out_rows or s, n), a)
-    dgu = _empty(swiglu_gu.shape, a) if swiglu_gu is not None else c
+    c = _utils.new_output((out_rows or s, n), a)
+    dgu = _utils.new_output(swiglu_gu.shape, a) if swiglu_gu is not None else c
     opts = plan.launch_opts(launch)
     grid = (plan.row_tiles(opts["BM"]), triton.cdiv(n, opts["BN"]))
     _grouped_rows_kernel[grid](
@@ -314,7 +309,7 @@ def grouped_rows(plan: _Plan, launch: str, a, b, n, *, a_idx=None, a_scale=None,
 def grouped_wgrad(plan: _Plan, launch: str, a, b, *, a_idx=None, a_scale=None, b_idx=None):
     """(E, M, N): per expert e, sum over its rows r of (a_scale[r] a[a_idx[r]])^T b[b_idx[r]]."""
     m, n, e = a.shape[1], b.shape[1], plan.routing.num_experts
-    c = _empty((e, m, n), a)
+    c = _utils.new_output((e, m, n), a)
     opts = plan.launch_opts(launch)
     grid = (e, triton.cdiv(m, opts["BM"]), triton.cdiv(n, opts["BN"]))
     _grouped_wgrad_kernel[grid](
@@ -350,7 +345,7 @@ class MoeMlpTriton(torch.autograd.Function):
         # y in slot order (t * k + j): the scatter is fused into the down GEMM's stores
         y_slot = grouped_rows(plan, "down_fwd", h, w_down, hdim, c_idx=plan.routing.perm)
         del w_down
-        out = combine(y_slot, expert_weight, _empty((t, hdim), hidden))
+        out = combine(y_slot, expert_weight, _utils.new_output((t, hdim), hidden))
         ctx.plan = plan
         ctx.save_for_backward(hidden, expert_weight, gate_up_proj, down_proj, gu, y_slot)
         return out
@@ -367,7 +362,7 @@ class MoeMlpTriton(torch.autograd.Function):
         dout = dout.contiguous()
         d_hidden = d_weight = d_gate_up = d_down = None
         if need_w:
-            d_weight = choice_weight_grad(y_slot, dout, _empty((t, k), expert_weight))
+            d_weight = choice_weight_grad(y_slot, dout, _utils.new_output((t, k), expert_weight))
         if need_x or need_gu or need_down:
             w_sorted = expert_weight.reshape(-1).index_select(0, r.perm)
             # dh = (w * dout[token]) @ down[e]; the epilogue turns it into dgu and recomputes h

@@ -2,9 +2,10 @@
 
 S = T * k slots (slot s = t * k + j is token t's j-th choice), E experts. ``route_triton`` returns exactly
 what :func:`moon_fast.ops.moe_routing.route` returns (a stable sort of the flat expert ids), with no host
-synchronisation, in two kernel launches. The torch version takes about 15 small ops (sort, searchsorted,
-scatter, casts, and a cat for the bounds), and on an H100 the op was bound by host time per launch
-(benchmarks/results/2026-11-22-h100/: 13-33 us per launch, about 70 launches per forward+backward).
+synchronisation, in two kernel launches. Before, the torch routing, its bounds and the tile schedule the
+GEMMs then read took 37 small torch ops per forward (45 in all, less the 3 of the range check and the 5 of
+the combine: benchmarks/results/2026-11-22-cpu/moe_launch_count/before_0ab7c78.txt), and on an H100 the
+op was bound by host time per launch (benchmarks/results/2026-11-22-h100/: 13-33 us per launch).
 
 1. ``_chunk_histogram_kernel``, grid (C,): the slots are cut into C <= MAX_CHUNKS contiguous chunks of CH
    slots; program c counts its chunk's slots per expert -> hist (C, EP) int32.
@@ -24,17 +25,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from moon_fast.kernels import _utils
 from moon_fast.kernels._utils import next_power_of_2
 
 from moon_fast.ops.moe_routing import Routing
 
 MAX_CHUNKS = 128
 _ONE_HOT_ENTRIES = 4096
-
-
-def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """Output allocation; tests replace it to poison outputs before the kernels write them."""
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 # ids (S,) -> hist (C, EP): hist[c, e] = number of slots of chunk c (slots [c * CH, (c + 1) * CH)) on expert e
@@ -94,10 +91,10 @@ def route_triton(expert_idx: torch.Tensor, num_experts: int, *, max_chunks: int 
     t, top_k = expert_idx.shape
     s = t * top_k
     ids = expert_idx.reshape(-1)
-    perm = _empty((s,), ids, torch.int64)
-    token = _empty((s,), ids, torch.int64)
-    inv_perm = _empty((s,), ids, torch.int64)
-    bounds = _empty((num_experts + 1,), ids, torch.int32)
+    perm = _utils.new_output((s,), ids, torch.int64)
+    token = _utils.new_output((s,), ids, torch.int64)
+    inv_perm = _utils.new_output((s,), ids, torch.int64)
+    bounds = _utils.new_output((num_experts + 1,), ids, torch.int32)
     routing = Routing(perm=perm, token=token, inv_perm=inv_perm, offsets=bounds[1:], num_experts=num_experts,
                       top_k=top_k)
     if s == 0:  # no slots: every expert is empty
@@ -109,7 +106,7 @@ def route_triton(expert_idx: torch.Tensor, num_experts: int, *, max_chunks: int 
     chunk = triton.cdiv(triton.cdiv(s, chunks), sb) * sb  # slots per chunk: whole blocks
     chunks = triton.cdiv(s, chunk)
     rb = max(2, min(max_chunks, _ONE_HOT_ENTRIES // ep))
-    hist = _empty((chunks, ep), ids, torch.int32)
+    hist = _utils.new_output((chunks, ep), ids, torch.int32)
     _chunk_histogram_kernel[(chunks,)](ids, hist, s, chunk, EP=ep, SB=sb)
     _chunk_scatter_kernel[(chunks,)](ids, hist, perm, token, inv_perm, bounds, s, chunk, chunks, num_experts,
                                      top_k, EP=ep, SB=sb, RB=rb)

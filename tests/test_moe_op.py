@@ -93,10 +93,10 @@ def poison_kernel_outputs(monkeypatch):
 
     monkeypatch.setattr(moe_cuda, "_empty", _poisoned_empty)
     try:
-        import moon_fast.kernels.moe as moe_triton
+        import moon_fast.kernels._utils as kernel_utils
     except ImportError:  # no triton: its tests skip
         return
-    monkeypatch.setattr(moe_triton, "_empty", _poisoned_empty)
+    monkeypatch.setattr(kernel_utils, "new_output", _poisoned_empty)  # the Triton routing's outputs too
 
 
 def _skip_unavailable(backend):

@@ -10,6 +10,7 @@ import torch
 from tests.utils import DTYPES, assert_close, poison_, tolerance
 
 triton = pytest.importorskip("triton")
+import moon_fast.kernels._utils as kernel_utils  # noqa: E402
 import moon_fast.kernels.moe_routing as moe_routing  # noqa: E402
 import triton.language as tl  # noqa: E402
 from moon_fast.kernels._utils import next_power_of_2  # noqa: E402
@@ -20,9 +21,9 @@ from moon_fast.ops.moe_routing import assert_all_routed, route  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def poison_routing_outputs(monkeypatch):
-    monkeypatch.setattr(moe_routing, "_empty",
-                        lambda shape, like, dtype=None: poison_(torch.empty(shape, dtype=dtype, device=like.device)))
+def poison_kernel_outputs(monkeypatch):
+    monkeypatch.setattr(kernel_utils, "new_output", lambda shape, like, dtype=None: poison_(
+        torch.empty(shape, dtype=dtype or like.dtype, device=like.device)))
 
 
 def expert_ids(t, k, e, kind, device, seed=0):
