@@ -2,12 +2,14 @@
 # Everything a lent GPU can check, in one command, in about 8 minutes on one H100 / H200:
 #   1. builds moon_fast._C for this GPU's architecture only (the CPU emulator build is skipped),
 #   2. runs the tests that run on CUDA: the MoE backends against the reference (gpu-marked), the Triton
-#      attention tests and the contrastive tests on the device fixture,
+#      MoE routing / combine kernels and launch counts, the Triton attention tests and the contrastive
+#      tests on the device fixture,
 #   3. counts the MoE op's launches per call (benchmarks/moe_launch_count.py) and times the Triton MoE
 #      grouped GEMMs against dense cuBLAS (benchmarks/moe_gpu_gemm.py, issue 4's target),
 #   4. runs `moon-fast bench` at GPU sizes (contrastive, attention, moe, train) with what time is left,
 #   5. writes everything under $OUT (default gpu_results/): env.txt, build.log, tests.log, junit.xml,
-#      moe_launch_count.{log,csv,json}, moe_gpu_gemm.{log,csv,json}, bench/{results.csv,results.json,report.md}, summary.txt.
+#      moe_launch_count.{log,csv,json}, moe_gpu_gemm.{log,csv,json},
+#      bench/{results.csv,results.json,report.md}, summary.txt.
 #
 #   bash benchmarks/gpu_check.sh                  # from the repository root
 #   OUT=/tmp/x BENCH_BUDGET=240 bash benchmarks/gpu_check.sh

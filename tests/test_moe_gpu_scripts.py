@@ -1,4 +1,4 @@
-"""The GPU MoE scripts (benchmarks/moe_gpu_*.py, moe_triton_tiles.py) run their logic on the CPU under
+"""The MoE scripts (benchmarks/moe_gpu_*.py, moe_triton_tiles.py, moe_launch_count.py) run their logic on the CPU under
 the Triton interpreter at tiny shapes (timings read NaN there), so a change to the kernels' launchers
 cannot break them unseen between GPU loans."""
 

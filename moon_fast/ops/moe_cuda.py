@@ -7,8 +7,8 @@ One dataflow (``MoeMlpCsrc``), two kernel sets (``Kernels``):
   unpermute and its weight gradient, and the SwiGLU and its backward (one launch and one pass over memory
   each, where torch ops took two and five launches). On CPU tensors the same kernels run under the
   emulator (``cuda_emu``, tests only).
-* ``cpu``: the same data-movement and SwiGLU ops as native multithreaded CPU
-  kernels (moon_fast._C_cpu, csrc/cpu/moe_cpu.cpp), one pass over memory each; the grouped GEMMs as
+* ``cpu``: the same data-movement and SwiGLU ops as native multithreaded CPU kernels (moon_fast._C_cpu,
+  csrc/cpu/moe_cpu.cpp), one pass over memory each; the grouped GEMMs as
   single-threaded oneDNN / MKL calls on independent (expert, row chunk) tasks spread over the threads
   (csrc/cpu/grouped_gemm_cpu.cpp, which says why); routing by moe_routing.route (a sort: cheap on the CPU).
 
@@ -64,8 +64,8 @@ def csrc_route(expert_idx: torch.Tensor, num_experts: int) -> Routing:
 @dataclass(frozen=True)
 class Kernels:
     """The non-GEMM steps of the csrc dataflow. ``ops(device)`` gives the op namespace with moe_permute,
-    moe_unpermute, moe_unpermute_weight_grad, moe_swiglu and moe_swiglu_backward_; ``native_gemm``: it has moe_grouped_mm and
-    moe_grouped_mm_wgrad (else moe_gemm's grouped_mm / matmul loop). ``save_gathered``: keep the gathered
+    moe_unpermute, moe_unpermute_weight_grad, moe_swiglu and moe_swiglu_backward_; ``native_gemm``: it also
+    has moe_grouped_mm and moe_grouped_mm_wgrad (else moe_gemm's grouped_mm / matmul loop). ``save_gathered``: keep the gathered
     input rows (S, H) for the backward rather than gathering them again (S * H more saved memory, one pass less)."""
 
     ops: Callable[[torch.device], object]
