@@ -4,11 +4,12 @@
 #   2. runs the tests that run on CUDA: the MoE backends against the reference (gpu-marked), the Triton
 #      MoE routing / combine kernels and launch counts, the Triton attention tests and the contrastive
 #      tests on the device fixture,
-#   3. counts the MoE op's launches per call (benchmarks/moe_launch_count.py) and times the Triton MoE
-#      grouped GEMMs against dense cuBLAS (benchmarks/moe_gpu_gemm.py, issue 4's target),
+#   3. counts the MoE op's launches per call (benchmarks/moe_launch_count.py), times the Triton MoE
+#      grouped GEMMs against dense cuBLAS (benchmarks/moe_gpu_gemm.py, issue 4's target; with the SwiGLU
+#      backward fused and split, $MOON_FAST_MOE_SWIGLU_BWD) and the split's parts (moe_gpu_probes.py),
 #   4. runs `moon-fast bench` at GPU sizes (contrastive, attention, moe, train) with what time is left,
 #   5. writes everything under $OUT (default gpu_results/): env.txt, build.log, tests.log, junit.xml,
-#      moe_launch_count.{log,csv,json}, moe_gpu_gemm.{log,csv,json},
+#      moe_launch_count.{log,csv,json}, moe_gpu_gemm.{log,csv,json}, moe_gpu_probes.log,
 #      bench/{results.csv,results.json,report.md}, summary.txt.
 #
 #   bash benchmarks/gpu_check.sh                  # from the repository root
@@ -21,7 +22,8 @@
 # took 106 s on a 16-core H100 machine), TEST_BUDGET=240 (the tests took about 300 s there in all, in two
 # runs: give more to see them all), MOE_BUDGET=90 (50 s there), BENCH_BUDGET=40 (shared equally among
 # the ops; cases still waiting when an op's share is spent are recorded as skipped; give 230 or more for
-# a useful table). Worst case about 10.5 minutes in all.
+# a useful table); the probes get 60 s. Worst case about 11.5 minutes in all: under a 10-minute limit per
+# command, lower TEST_BUDGET or BENCH_BUDGET.
 # The benchmark measures all cases in one worker process (--process-per-case no: CUDA peak memory is
 # max_memory_allocated above each case's own baseline, so sharing a process does not change it) to
 # spend the budget on measuring rather than on starting Python; a case that crashes is re-run alone.
@@ -115,6 +117,8 @@ if [[ $DRY != 1 ]]; then
   say "MoE grouped GEMMs vs dense cuBLAS (budget ${MOE_BUDGET}s)"
   timeout "$MOE_BUDGET" $PY benchmarks/moe_gpu_gemm.py --out "$OUT" > "$OUT/moe_gpu_gemm.log" 2>&1
   say "moe_gpu_gemm: rc $?; $(grep -c '% of dense' "$OUT/moe_gpu_gemm.log") ratios"
+  timeout 60 $PY benchmarks/moe_gpu_probes.py > "$OUT/moe_gpu_probes.log" 2>&1
+  say "moe_gpu_probes: rc $?; $(grep 'split with' "$OUT/moe_gpu_probes.log")"
 fi
 
 # ---------------------------------------------------------------- 4. benchmarks at GPU sizes

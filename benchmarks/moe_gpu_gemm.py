@@ -7,7 +7,9 @@ For each shape (S = T * k routed rows through H -> 2I -> H, E experts, top-k rou
   copies made beforehand (benchmarks/moe_gpu_launches.py). In runs at commit 7ae495c and before, this row used the stored
   K-contiguous weights.
 - ``dense_bwd`` / ``triton_bwd``: the backward's four products (dX2 with the SwiGLU backward epilogue, dW2,
-  dW1, dX1 with the scatter) likewise.
+  dW1, dX1 with the scatter) likewise. ``triton_bwd_split``: the same with the SwiGLU backward split out of
+  the dX2 GEMM into its own elementwise pass (``$MOON_FAST_MOE_SWIGLU_BWD=split``), and ``op_triton_split``
+  the whole op in that mode: which of the two modes should be the default is measured here.
 - ``dense_fwdbwd`` and the whole op, forward+backward, per backend (``triton``, ``cuda``, ``torch``,
   ``grouped_mm``), routing included.
 Each time is the median of ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls).
@@ -23,7 +25,7 @@ import os
 import sys
 
 import torch
-from moe_gpu_launches import BACKWARD, FORWARD, MoeLaunches, device_ms
+from moe_gpu_launches import BACKWARD, BACKWARD_SPLIT, FORWARD, MoeLaunches, device_ms
 
 from moon_fast.bench.harness import machine_info, write_rows
 
@@ -50,16 +52,19 @@ def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, ba
     record("triton_fwd", lambda: m.run(FORWARD), fwd_flops, base_f)
     base_b = record("dense_bwd", lambda: m.dense(BACKWARD), bwd_flops)
     record("triton_bwd", lambda: m.run(BACKWARD), bwd_flops, base_b)
+    record("triton_bwd_split", lambda: m.run(BACKWARD_SPLIT), bwd_flops, base_b)
     base = record("dense_fwdbwd", lambda: m.dense(FORWARD + BACKWARD), fwd_flops + bwd_flops)
-    for b in backends:
-        op = m.op_step(b)
+    ops = [(f"op_{b}", m.op_step(b)) for b in backends]
+    if "triton" in backends:
+        ops.append(("op_triton_split", m.op_step("triton", {"MOON_FAST_MOE_SWIGLU_BWD": "split"})))
+    for name, op in ops:
         try:
             op()
         except Exception as exc:  # noqa: BLE001  recorded; the other backends still run
-            rows.append({**m.shape, "what": f"op_{b}", "error": f"{type(exc).__name__}: {exc}"[:300]})
-            print(f"op_{b}: {rows[-1]['error']}", flush=True)
+            rows.append({**m.shape, "what": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            print(f"{name}: {rows[-1]['error']}", flush=True)
             continue
-        record(f"op_{b}", op, fwd_flops + bwd_flops, base)
+        record(name, op, fwd_flops + bwd_flops, base)
     return rows
 
 

@@ -8,6 +8,8 @@ S = T * k routed rows, widths H and I:
   wgrad_down    sum_r (w dout[token])^T h -> (E, H, I)               dense: (H, S) @ (S, I)
   wgrad_gate_up sum_r dgu^T x[token] -> (E, 2I, H)                   dense: (2I, S) @ (S, H)
   dx            dgu (S, 2I) @ gate_up[e], scattered                  dense: (S, 2I) @ (2I, H)
+and ``dh``: dh_swiglu split in two (``$MOON_FAST_MOE_SWIGLU_BWD=split``), the plain dh GEMM (the "dh" tiles)
+and the elementwise SwiGLU backward (kernels/moe_swiglu.py); dense: that of dh_swiglu.
 The forward launches take the weights in the layouts the op's forward uses (kernels/moe.py
 ``_forward_weights``: an N-contiguous copy in fp32), made beforehand, as routing is.
 """
@@ -28,6 +30,7 @@ from moon_fast.bench.moe import make_problem  # noqa: E402
 
 FORWARD = ("swiglu_up", "down_fwd")
 BACKWARD = ("dh_swiglu", "wgrad_down", "wgrad_gate_up", "dx")
+BACKWARD_SPLIT = ("dh",) + BACKWARD[1:]  # the backward with the SwiGLU backward split out of the dh GEMM
 
 
 def device_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 200) -> float:
@@ -64,10 +67,12 @@ class Launch:
 
 
 class MoeLaunches:
-    """One problem (make_problem: top-k routing of random logits, HF weight layout) and its six launches."""
+    """One problem (make_problem: top-k routing of random logits, HF weight layout), its six launches and the split
+    dh ("dh")."""
 
     def __init__(self, t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, dev: str = "cuda"):
         from moon_fast.kernels.moe import _forward_weights, _Plan, grouped_rows, grouped_wgrad, swiglu_up
+        from moon_fast.kernels.moe_swiglu import swiglu_backward
 
         dev = torch.device(dev)
         self.shape = {"T": t, "H": h, "I": i, "E": e, "k": k, "dtype": str(dtype).replace("torch.", "")}
@@ -99,6 +104,9 @@ class MoeLaunches:
                                     lambda: x.t() @ d1, 2 * s * h * 2 * i),
             "dx": Launch(lambda p: grouped_rows(p, "dx", dgu, gate_up, h, c_idx=r.perm), lambda: d1 @ w1.t(),
                          2 * s * h * 2 * i),
+            "dh": Launch(lambda p: swiglu_backward(grouped_rows(p, "dh", grad, down, i, a_idx=r.token,
+                                                                a_scale=w_sorted), gu),
+                         lambda: d2 @ w2.t(), 2 * s * h * i),
         }
 
     def plan_with(self, launch: str, tiles: tuple[int, int, int, int, int]):
@@ -123,15 +131,25 @@ class MoeLaunches:
     def flops(self, names) -> float:
         return sum(self.launches[n].flops for n in names)
 
-    def op_step(self, backend: str) -> Callable[[], None]:
-        """moe_mlp forward+backward with ``backend`` on this problem (gradients for all four inputs)."""
+    def op_step(self, backend: str, env: dict[str, str] | None = None) -> Callable[[], None]:
+        """moe_mlp forward+backward with ``backend`` on this problem (gradients for all four inputs), with the
+        environment variables ``env`` set during the call (e.g. $MOON_FAST_MOE_SWIGLU_BWD)."""
         from moon_fast.ops import moe_mlp
 
         hidden, idx, weight, gate_up, down, grad = self.problem
         leaves = [x.requires_grad_() for x in (hidden, weight, gate_up, down)]
 
         def step():
-            out = moe_mlp(hidden, idx, weight, gate_up, down, backend=backend)
-            torch.autograd.grad(out, leaves, grad)
+            saved = {name: os.environ.get(name) for name in env or {}}
+            os.environ.update(env or {})
+            try:
+                out = moe_mlp(hidden, idx, weight, gate_up, down, backend=backend)
+                torch.autograd.grad(out, leaves, grad)
+            finally:
+                for name, value in saved.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
 
         return step

@@ -2,8 +2,9 @@
 
 ``split-swiglu``: the backward's first launch (dh = (w * dout[token]) @ down[e], with the SwiGLU backward
 fused into its epilogue: reads gu, writes dgu and h) ran at 14-20% of its dense product in every tile
-configuration. Timed here against the same work split in two: the plain grouped GEMM (no epilogue) and
-the SwiGLU backward in torch (moon_fast.ops.moe_torch.swiglu_backward, plus h = silu(g) * u).
+configuration. Timed here against the same work split in two: the plain grouped GEMM (no epilogue, the
+"dh" tiles) and the SwiGLU backward either in torch (moon_fast.ops.moe_torch.swiglu_backward, plus
+h = silu(g) * u: several passes) or as kernels/moe_swiglu.py's one pass (the op's split mode).
 
 ``launch-cost``: host time of one launch (no synchronisation in the loop), for a Triton grouped GEMM, a
 cuBLAS matmul and a torch elementwise op, to see where the op's host time per call goes.
@@ -25,6 +26,7 @@ from moon_fast.bench.harness import machine_info
 
 def main(argv=None) -> int:
     from moon_fast.kernels.moe import grouped_rows
+    from moon_fast.kernels.moe_swiglu import swiglu_backward as one_pass
 
     from moon_fast.ops.moe_torch import swiglu_backward
 
@@ -47,19 +49,26 @@ def main(argv=None) -> int:
     def fused():
         return dh_swiglu.run(m.plan)
 
-    def plain():  # the same GEMM without the SwiGLU epilogue (the plain rows kernel, down_fwd's tiles)
-        return grouped_rows(m.plan, "down_fwd", grad, down, i, a_idx=r.token, a_scale=w_sorted)
+    def plain():  # the same GEMM without the SwiGLU epilogue (the plain rows kernel, the "dh" tiles)
+        return grouped_rows(m.plan, "dh", grad, down, i, a_idx=r.token, a_scale=w_sorted)
 
-    def split():
+    def split_torch():
         dh = plain()
         g = F.silu(gu[:, :i])
         return g * gu[:, i:], swiglu_backward(dh, gu, silu_gate=g)
 
-    (h1, d1), (h2, d2) = fused(), split()
+    def split_one_pass():
+        return one_pass(plain(), gu)
+
+    (h1, d1), (h2, d2), (h3, d3) = fused(), split_torch(), split_one_pass()
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
-    print(f"split-swiglu T={t}: relative difference fused vs split: dgu {rel(d1, d2):.2e}, h {rel(h1, h2):.2e}")
-    print(f"split-swiglu T={t}: fused {device_ms(fused):.3f} ms, split {device_ms(split):.3f} ms, "
-          f"plain GEMM alone {device_ms(plain):.3f} ms, dense {device_ms(dh_swiglu.dense):.3f} ms", flush=True)
+    print(f"split-swiglu T={t}: relative difference to the torch split: fused dgu {rel(d1, d2):.2e} h "
+          f"{rel(h1, h2):.2e}; one-pass split dgu {rel(d3, d2):.2e} h {rel(h3, h2):.2e}")
+    dh = plain()
+    print(f"split-swiglu T={t}: fused {device_ms(fused):.3f} ms, split with torch {device_ms(split_torch):.3f} ms, "
+          f"split with the one pass {device_ms(split_one_pass):.3f} ms (the pass alone "
+          f"{device_ms(lambda: one_pass(dh, gu)):.3f} ms), plain GEMM alone {device_ms(plain):.3f} ms, "
+          f"dense {device_ms(dh_swiglu.dense):.3f} ms", flush=True)
 
     small = torch.randn(64, 64, device=args.device)
     for name, fn in (("triton grouped GEMM launch", plain),

@@ -1,4 +1,4 @@
-"""Tile sweep of the six Triton MoE launches on a GPU (benchmarks/moe_gpu_launches.py lists them), each
+"""Tile sweep of the Triton MoE launches on a GPU (benchmarks/moe_gpu_launches.py lists them), each
 against the dense cuBLAS product of its FLOPs. Each (launch, tile config) is timed with
 triton.testing.do_bench (median, L2 flushed). Prints a table and the best config per launch, and writes
 ``best_tiles_<dtype>.json`` in the form ``$MOON_FAST_MOE_TILES`` takes; ``--overhead`` also compares host
@@ -26,7 +26,7 @@ SWIGLU = [(128, 64, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 
 WGRAD = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
          (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 128, 32, 4, 4)]
 CANDIDATES = {"swiglu_up": SWIGLU, "down_fwd": ROWS, "dh_swiglu": SWIGLU, "wgrad_down": WGRAD,
-              "wgrad_gate_up": WGRAD, "dx": ROWS}
+              "wgrad_gate_up": WGRAD, "dx": ROWS, "dh": ROWS}  # dh: the split mode's plain GEMM (+ its pass)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -11,14 +11,15 @@ Kernels (shapes above each):
   pre-activation for the backward.
 * ``_grouped_rows_kernel``: C = (scale * A[a_idx]) @ B[e] per row tile, with optional row gather and
   scale on A, optional scatter of C rows (to slot order: a permutation, so no atomics), or the SwiGLU
-  backward in the epilogue (dgate, dup and the recomputed h).
+  backward in the epilogue (dgate, dup and the recomputed h). With ``$MOON_FAST_MOE_SWIGLU_BWD=split``
+  the dh GEMM stores plain dh and kernels/moe_swiglu.py's one elementwise pass does the SwiGLU backward.
 * ``_grouped_wgrad_kernel``: dW[e] = (scale * A[a_idx])^T B[b_idx] over expert e's rows (zero when it has
   none): the weight gradients.
 The k contributions of each token are combined, and the routing weights' gradient computed, by one launch
 each (kernels/moe_combine.py: fp32 accumulation, deterministic). On a GPU moe_mlp leaves the expert-range
 check to the routing (moe_routing.assert_all_routed: 2 launches, where its own check takes 5). Counted on
 the CPU (benchmarks/moe_launch_count.py), one forward+backward made 58 launches (52 torch ops, 6 Triton)
-and now makes 17 (7 and 10), 3 of them moe_mlp's own CPU range check; on a GPU, 14. On an H100 the op was
+and now makes 17 (7 and 10), 3 of them moe_mlp's own CPU range check; on a GPU, 14 (one more split). On an H100 the op was
 bound by host time per launch (benchmarks/results/2026-11-22-h100/moe_gpu_probes_539dfd1.txt).
 """
 
@@ -34,15 +35,22 @@ from moon_fast.kernels import _utils
 from moon_fast.kernels._utils import compute_dtype_for, interpreting, next_power_of_2
 from moon_fast.kernels.moe_combine import choice_weight_grad, combine
 from moon_fast.kernels.moe_routing import route_triton
+from moon_fast.kernels.moe_swiglu import swiglu_backward
 from torch.autograd.function import once_differentiable
 
 from moon_fast.ops.moe_routing import assert_all_routed
 
 # The six launches of one forward + backward, each with its own tiles (benchmarks/moe_triton_tiles.py times
-# them one by one against the dense cuBLAS product of the same FLOPs).
-LAUNCHES = ("swiglu_up", "down_fwd", "dh_swiglu", "wgrad_down", "wgrad_gate_up", "dx")
+# them one by one against the dense cuBLAS product of the same FLOPs), and "dh": the plain dh GEMM that
+# replaces dh_swiglu when the SwiGLU backward is split out of its epilogue (SWIGLU_BWD_ENV).
+LAUNCHES = ("swiglu_up", "down_fwd", "dh_swiglu", "wgrad_down", "wgrad_gate_up", "dx", "dh")
 _TILE_KEYS = ("BM", "BN", "BK", "num_warps", "num_stages")
 TILES_ENV = "MOON_FAST_MOE_TILES"
+# Where the backward computes the SwiGLU backward: "fused" into the dh GEMM's epilogue (one launch; the
+# default, the mode measured on an H100) or "split": the plain dh GEMM, then one elementwise pass
+# (kernels/moe_swiglu.py; one launch more). benchmarks/moe_gpu_gemm.py times both.
+SWIGLU_BWD_ENV = "MOON_FAST_MOE_SWIGLU_BWD"
+SWIGLU_BWD_MODES = ("fused", "split")
 
 
 def _tiles(bm, bn, bk, warps, stages) -> dict:
@@ -62,7 +70,7 @@ def tile_sizes(dtype: torch.dtype) -> dict[str, dict]:
         # (python tests/aot_triton.py --arch 80; tests/test_moe_triton_compile.py checks it).
         rows, swiglu, wgrad = _tiles(64, 128, 32, 8, 3), _tiles(64, 64, 32, 8, 3), _tiles(64, 128, 32, 8, 3)
         out = {"swiglu_up": swiglu, "down_fwd": rows, "dh_swiglu": swiglu, "wgrad_down": wgrad,
-               "wgrad_gate_up": wgrad, "dx": rows}
+               "wgrad_gate_up": wgrad, "dx": rows, "dh": rows}
     else:
         # The fastest of benchmarks/moe_triton_tiles.py's candidates on an H100 (bf16, T=16384, E=8,
         # H=I=1024; benchmarks/results/2026-11-22-h100/moe_triton_tiles_bf16.txt) among those that fit an
@@ -72,7 +80,9 @@ def tile_sizes(dtype: torch.dtype) -> dict[str, dict]:
         # 1.3 KB and was within 2 points (all its candidates ran at 14-20% of dense: see the README).
         out = {"swiglu_up": _tiles(128, 64, 64, 8, 3), "down_fwd": _tiles(128, 256, 64, 8, 3),
                "dh_swiglu": _tiles(128, 64, 64, 8, 3), "wgrad_down": _tiles(128, 128, 64, 4, 3),
-               "wgrad_gate_up": _tiles(128, 128, 64, 8, 4), "dx": _tiles(128, 256, 64, 8, 3)}
+               "wgrad_gate_up": _tiles(128, 128, 64, 8, 4), "dx": _tiles(128, 256, 64, 8, 3),
+               # the plain dh GEMM, (S, H) @ (H, I), has down_fwd's shape at H = I: its tiles, not yet swept
+               "dh": _tiles(128, 256, 64, 8, 3)}
     override = os.environ.get(TILES_ENV)
     if override:
         try:
@@ -82,6 +92,14 @@ def tile_sizes(dtype: torch.dtype) -> dict[str, dict]:
             raise ValueError(f"${TILES_ENV} must be JSON {{launch: [BM, BN, BK, num_warps, num_stages]}} with "
                              f"launches among {LAUNCHES}; got {override!r} ({exc})") from exc
     return out
+
+
+def swiglu_backward_mode() -> str:
+    """``$MOON_FAST_MOE_SWIGLU_BWD``: "fused" (default) or "split" (see SWIGLU_BWD_ENV)."""
+    mode = os.environ.get(SWIGLU_BWD_ENV) or "fused"
+    if mode not in SWIGLU_BWD_MODES:
+        raise ValueError(f"${SWIGLU_BWD_ENV} must be one of {SWIGLU_BWD_MODES}; got {mode!r}")
+    return mode
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -264,6 +282,7 @@ class _Plan:
         self.experts = {"E": num_experts, "EP": max(16, next_power_of_2(num_experts))}
         self.compute = compute_dtype_for(dtype)
         self.precision = _precision(dtype)
+        self.swiglu_bwd = swiglu_backward_mode()
 
     def row_tiles(self, block_m: int) -> int:
         """Programs along the rows of a row-tile launch: an upper bound of sum_e cdiv(count_e, BM)."""
@@ -365,9 +384,14 @@ class MoeMlpTriton(torch.autograd.Function):
             d_weight = choice_weight_grad(y_slot, dout, _utils.new_output((t, k), expert_weight))
         if need_x or need_gu or need_down:
             w_sorted = expert_weight.reshape(-1).index_select(0, r.perm)
-            # dh = (w * dout[token]) @ down[e]; the epilogue turns it into dgu and recomputes h
-            h, dgu = grouped_rows(plan, "dh_swiglu", dout, down_proj, inter, a_idx=r.token, a_scale=w_sorted,
-                                      swiglu_gu=gu)
+            # dh = (w * dout[token]) @ down[e], turned into dgu (and h recomputed) by the GEMM's epilogue or,
+            # split, by one elementwise pass after it
+            if plan.swiglu_bwd == "split":
+                h, dgu = swiglu_backward(grouped_rows(plan, "dh", dout, down_proj, inter, a_idx=r.token,
+                                                      a_scale=w_sorted), gu)
+            else:
+                h, dgu = grouped_rows(plan, "dh_swiglu", dout, down_proj, inter, a_idx=r.token,
+                                      a_scale=w_sorted, swiglu_gu=gu)
             if need_down:
                 d_down = grouped_wgrad(plan, "wgrad_down", dout, h, a_idx=r.token, a_scale=w_sorted)
             del h

@@ -44,7 +44,8 @@ def start_recording() -> None:
 # ----------------------------------------------------------------------------- the ops' launches
 
 def exercise_moe(configs) -> None:
-    """configs: (dtype name, T, H, I, E, k). Forward + backward, and the inference forward."""
+    """configs: (dtype name, T, H, I, E, k). Forward + backward (SwiGLU backward fused, then split), and the
+    inference forward."""
     import moon_fast.kernels.moe as moe_triton
     import torch
 
@@ -70,6 +71,11 @@ def exercise_moe(configs) -> None:
         down = torch.randn(e, h, inter, dtype=dt, requires_grad=True)
         moe_mlp_triton(hidden, idx, weight, gate_up, down).sum().backward()
         moe_mlp_triton(*(x.detach() for x in (hidden, idx, weight, gate_up, down)))  # STORE_GU=False
+        os.environ[moe_triton.SWIGLU_BWD_ENV] = "split"  # the plain dh GEMM and the elementwise pass
+        try:
+            moe_mlp_triton(hidden, idx, weight, gate_up, down).sum().backward()
+        finally:
+            del os.environ[moe_triton.SWIGLU_BWD_ENV]
 
 
 def exercise_attention(configs) -> None:

@@ -46,12 +46,15 @@ def _moe_problem(device, dtype=torch.bfloat16, t=48, h=32, inter=24, e=8, k=2):
     return leaves, idx
 
 
-def test_triton_moe_forward_backward_launches(device):
+@pytest.mark.parametrize("swiglu_bwd", ["fused", "split"])
+def test_triton_moe_forward_backward_launches(device, swiglu_bwd, monkeypatch):
     """Forward: 2 routing launches and the check that every slot was routed, 2 GEMMs, the combine. Backward:
     the weight gradient, one gather of the routing weights, 4 GEMMs, the sum over the k choices. It was 58 launches on the CPU at
     0ab7c78 (a torch sort, about 25 small ops of tile schedule, 10 casts and reductions for the combine and
-    its gradient): benchmarks/results/2026-11-22-cpu/moe_launch_count/."""
+    its gradient): benchmarks/results/2026-11-22-cpu/moe_launch_count/. Split SwiGLU backward
+    ($MOON_FAST_MOE_SWIGLU_BWD): one launch more, its elementwise pass."""
     pytest.importorskip("triton")
+    monkeypatch.setenv("MOON_FAST_MOE_SWIGLU_BWD", swiglu_bwd)
     leaves, idx = _moe_problem(device)
     hidden, weight, gate_up, down = leaves
     moe_mlp(hidden, idx, weight, gate_up, down, backend="triton").sum().backward()  # compiles, caches
@@ -64,8 +67,9 @@ def test_triton_moe_forward_backward_launches(device):
         out.backward(grad)
     assert dict(fwd.triton) == {"_chunk_histogram_kernel": 1, "_chunk_scatter_kernel": 1, "_swiglu_up_kernel": 1,
                                 "_grouped_rows_kernel": 1, "_combine_kernel": 1}, fwd.summary()
+    split = {"_swiglu_backward_kernel": 1} if swiglu_bwd == "split" else {}
     assert dict(bwd.triton) == {"_choice_grad_kernel": 1, "_grouped_rows_kernel": 2,
-                                "_grouped_wgrad_kernel": 2}, bwd.summary()
+                                "_grouped_wgrad_kernel": 2, **split}, bwd.summary()
     # torch ops: the routing's check that every slot found its expert (a compare and an async assert); on
     # the CPU moe_mlp also checks the range itself first (aminmax and two reads), on a GPU it leaves that to
     # the routing. Backward: the routing weights gathered to sorted order, and the sum over the k choices.

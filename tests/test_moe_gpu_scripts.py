@@ -20,8 +20,8 @@ def test_moe_gpu_gemm_rows(dtype):
     import moe_gpu_gemm
 
     rows = moe_gpu_gemm.measure_shape(40, 32, 32, 3, 2, dtype, ["triton", "torch"], dev="cpu")
-    assert [r["what"] for r in rows] == ["dense_fwd", "triton_fwd", "dense_bwd", "triton_bwd", "dense_fwdbwd",
-                                         "op_triton", "op_torch"]
+    assert [r["what"] for r in rows] == ["dense_fwd", "triton_fwd", "dense_bwd", "triton_bwd", "triton_bwd_split",
+                                         "dense_fwdbwd", "op_triton", "op_torch", "op_triton_split"]
     assert all("error" not in r and math.isnan(r["ms"]) for r in rows)  # no GPU: no timing, no error
 
 
@@ -47,6 +47,9 @@ def test_launches_compute_the_op():
     leaf = hidden.clone().requires_grad_()
     moe_mlp(leaf, idx, weight, gate_up, down, backend="triton").backward(grad)
     torch.testing.assert_close(dx, leaf.grad, rtol=1e-4, atol=1e-5)
+    # the split dh launch (plain GEMM + elementwise pass) gives what the fused one gives
+    for got, want in zip(m.launches["dh"].run(m.plan), m.launches["dh_swiglu"].run(m.plan)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_probes_run():

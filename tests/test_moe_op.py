@@ -121,6 +121,49 @@ def test_backend_matches_reference(backend, case, dtype):
     check_against_fp32_oracle(got, ref_lp, ref32, dtype)
 
 
+SPLIT_CASES = [c for c in CASES if c[0] in ("one_token", "one_expert", "k4", "empty_expert", "many_rows_per_expert")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_triton_split_swiglu_backward_matches_reference(case, dtype, monkeypatch):
+    """$MOON_FAST_MOE_SWIGLU_BWD=split: the plain dh GEMM, then kernels/moe_swiglu.py's one pass, in place of
+    the fused epilogue; checked against the reference as the default mode is (test_backend_matches_reference),
+    and checked to have taken the split path."""
+    pytest.importorskip("triton")
+    import moon_fast.kernels.moe as moe_triton
+    from moon_fast.kernels.moe_swiglu import swiglu_backward as split_pass
+
+    calls = []
+
+    def recording_split_pass(dh, gu):
+        calls.append(tuple(dh.shape))
+        return split_pass(dh, gu)
+
+    monkeypatch.setattr(moe_triton, "swiglu_backward", recording_split_pass)
+    monkeypatch.setenv(moe_triton.SWIGLU_BWD_ENV, "split")
+    _, t, h, i, e, k, routing = case
+    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=hash(case) % 1000)
+    ref32 = run("reference", tensors, idx, grad_out)
+    ref_lp = run("reference", tensors, idx, grad_out, dtype)
+    got = run("triton", tensors, idx, grad_out, dtype)
+    assert calls == [(t * k, i)], "the split SwiGLU backward did not run"
+    check_against_fp32_oracle(got, ref_lp, ref32, dtype)
+
+
+def test_triton_swiglu_backward_mode_env(monkeypatch):
+    pytest.importorskip("triton")
+    import moon_fast.kernels.moe as moe_triton
+
+    monkeypatch.delenv(moe_triton.SWIGLU_BWD_ENV, raising=False)
+    assert moe_triton.swiglu_backward_mode() == "fused"
+    monkeypatch.setenv(moe_triton.SWIGLU_BWD_ENV, "split")
+    assert moe_triton.swiglu_backward_mode() == "split"
+    monkeypatch.setenv(moe_triton.SWIGLU_BWD_ENV, "fast")
+    with pytest.raises(ValueError, match=r"MOON_FAST_MOE_SWIGLU_BWD must be one of \('fused', 'split'\)"):
+        moe_triton.swiglu_backward_mode()
+
+
 # ----------------------------------------------------------------------------- on a CUDA GPU
 
 # The CPU cases plus two at GPU tile sizes: several 128-row tiles per expert with K loops of several steps

@@ -12,11 +12,14 @@ from aot_triton import run_child
 VARIANTS = [("_swiglu_up_kernel", ("STORE_GU",)), ("_swiglu_up_kernel", ()),  # training / inference forward
             ("_grouped_rows_kernel", ("C_SCATTER",)),  # down GEMM, and the dx GEMM
             ("_grouped_rows_kernel", ("A_GATHER", "A_SCALE", "SWIGLU_BWD")),  # dh GEMM + SwiGLU backward
+            ("_grouped_rows_kernel", ("A_GATHER", "A_SCALE")),  # the plain dh GEMM (SwiGLU backward split)
             ("_grouped_wgrad_kernel", ("A_GATHER", "A_SCALE")),  # d down_proj
             ("_grouped_wgrad_kernel", ("B_GATHER",))]  # d gate_up_proj
 # The small kernels around the GEMMs: routing (kernels/moe_routing.py), combine and its weight gradient
-# (kernels/moe_combine.py). They have no tile table; each must compile and spill nothing.
-HELPERS = ("_chunk_histogram_kernel", "_chunk_scatter_kernel", "_combine_kernel", "_choice_grad_kernel")
+# (kernels/moe_combine.py), the split SwiGLU backward (kernels/moe_swiglu.py). They have no tile table; each
+# must compile and spill nothing.
+HELPERS = ("_chunk_histogram_kernel", "_chunk_scatter_kernel", "_combine_kernel", "_choice_grad_kernel",
+           "_swiglu_backward_kernel")
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The Triton MoE backend's helper kernels on their own: the routing (stable counting sort) against torch's
-sort-based ``route``, each GEMM program's row tile, and the weighted combine and its weight gradient against
-torch. Outputs start poisoned. (The whole op against the reference: tests/test_moe_op.py.)"""
+sort-based ``route``, each GEMM program's row tile, the weighted combine and its weight gradient, and the
+split SwiGLU backward against torch. Outputs start poisoned. (The whole op against the reference: tests/test_moe_op.py.)"""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import triton.language as tl  # noqa: E402
 from moon_fast.kernels._utils import next_power_of_2  # noqa: E402
 from moon_fast.kernels.moe import _row_tile  # noqa: E402
 from moon_fast.kernels.moe_combine import choice_weight_grad, combine  # noqa: E402
+from moon_fast.kernels.moe_swiglu import swiglu_backward  # noqa: E402
 
 from moon_fast.ops.moe_routing import assert_all_routed, route  # noqa: E402
 
@@ -123,3 +124,34 @@ def test_combine_and_choice_grad_match_torch(t, k, h, dtype, device):
     # a dot of h terms: fp32 accumulation error grows with sqrt(h) x the terms' size
     assert_close(dw.double(), want_dw, **tolerance(dtype, scale=max(1.0, h**0.5 / 4)), name="choice_weight_grad")
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, inter", [(1, 1), (9, 300), (16, 256), (3, 7)])
+def test_swiglu_backward_pass_matches_autograd(rows, inter, dtype, device):
+    """kernels/moe_swiglu.py: (h, dgu) from (dh, gu) against fp64 autograd of h = silu(g) * u on the same
+    rounded inputs, within one rounding of the output dtype. 9 x 300 leaves partial blocks of 8 rows and 256
+    columns; the gate's tails (-120, 95) are where a careless silu' overflows or loses its 1."""
+    gen = torch.Generator().manual_seed(rows * 1000 + inter)
+    gu = (torch.randn(rows, 2 * inter, generator=gen) * 3).to(dtype)
+    gu[0, 0] = -120.0
+    gu[-1, inter - 1] = 95.0
+    dh = torch.randn(rows, inter, generator=gen).to(dtype)
+    gu, dh = gu.to(device), dh.to(device)
+    h, dgu = swiglu_backward(dh, gu)
+    g64 = gu.double().cpu().requires_grad_()
+    h64 = torch.nn.functional.silu(g64[:, :inter]) * g64[:, inter:]
+    h64.backward(dh.double().cpu())
+    assert h.dtype == dgu.dtype == dtype
+    assert_close(h, h64.detach(), **tolerance(dtype), name="h")
+    assert_close(dgu, g64.grad, **tolerance(dtype), name="dgu")
+
+
+def test_swiglu_backward_pass_rejects_mismatched_inputs(device):
+    dh = torch.zeros(4, 6, device=device)
+    with pytest.raises(ValueError, match=r"dh \(S, I\) and gu \(S, 2I\)"):
+        swiglu_backward(dh, torch.zeros(4, 6, device=device))
+    with pytest.raises(ValueError, match="one dtype"):
+        swiglu_backward(dh, torch.zeros(4, 12, dtype=torch.float16, device=device))
+    h, dgu = swiglu_backward(dh[:0], torch.zeros(0, 12, device=device))  # no rows: no launch, empty outputs
+    assert h.shape == (0, 6) and dgu.shape == (0, 12)

@@ -1,0 +1,58 @@
+"""The SwiGLU backward of the Triton ``moe_mlp`` as one elementwise pass: the "split" alternative to the
+SwiGLU backward fused into the dh GEMM's epilogue (kernels/moe.py, ``$MOON_FAST_MOE_SWIGLU_BWD``).
+
+With h = silu(g) * u, gu = [g | u] the saved pre-activation and dh the gradient of h:
+    d g = dh * u * silu'(g),  silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+    d u = dh * silu(g)
+and h itself, recomputed for the down projection's weight gradient. The formulas and the fp32 arithmetic
+are those of the fused epilogue. One difference: here dh arrives rounded to the input dtype (the plain GEMM
+stores it), where the fused epilogue uses its fp32 accumulator.
+
+Why a split exists: on an H100 (bf16, T=16384, H=I=1024) the fused launch took 0.533 ms where the plain
+GEMM took 0.147 ms; the epilogue cost 0.39 ms for about 0.11 ms of memory traffic
+(benchmarks/results/2026-11-22-h100/moe_gpu_probes_539dfd1.txt). This pass moves 6 * S * I elements
+(reads dh, g, u; writes dg, du, h) and the plain GEMM writes dh (S * I) in addition. Whether the two
+launches beat the fused one is for benchmarks/moe_gpu_gemm.py (``triton_bwd_split``) to measure.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from moon_fast.kernels import _utils
+
+_BLOCK_ROWS = 8
+_BLOCK_COLS = 256
+
+
+# dh (S, I), gu (S, 2I) -> dgu (S, 2I), h (S, I); all contiguous
+@triton.jit
+def _swiglu_backward_kernel(dh_ptr, gu_ptr, dgu_ptr, h_ptr, S, INTER, BS: tl.constexpr, BI: tl.constexpr):
+    rows = (tl.program_id(0) * BS + tl.arange(0, BS)).to(tl.int64)
+    cols = tl.program_id(1) * BI + tl.arange(0, BI)
+    mask = (rows < S)[:, None] & (cols < INTER)[None, :]
+    one = rows[:, None] * INTER + cols[None, :]
+    two = rows[:, None] * (2 * INTER) + cols[None, :]
+    dh = tl.load(dh_ptr + one, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gu_ptr + two, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + two + INTER, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    tl.store(dgu_ptr + two, (dh * u * (sig + silu * (1.0 - sig))).to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgu_ptr + two + INTER, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + one, (silu * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+def swiglu_backward(dh: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dh (S, I), gu (S, 2I) gate columns first, both contiguous and of one dtype -> (h (S, I), dgu (S, 2I))."""
+    s, inter = dh.shape
+    if gu.shape != (s, 2 * inter) or not (dh.is_contiguous() and gu.is_contiguous()) or gu.dtype != dh.dtype:
+        raise ValueError(f"swiglu_backward: dh (S, I) and gu (S, 2I), contiguous, one dtype; got dh "
+                         f"{tuple(dh.shape)} {dh.dtype}, gu {tuple(gu.shape)} {gu.dtype}")
+    h = _utils.new_output((s, inter), dh)
+    dgu = _utils.new_output((s, 2 * inter), dh)
+    if s and inter:
+        grid = (triton.cdiv(s, _BLOCK_ROWS), triton.cdiv(inter, _BLOCK_COLS))
+        _swiglu_backward_kernel[grid](dh, gu, dgu, h, s, inter, BS=_BLOCK_ROWS, BI=_BLOCK_COLS)
+    return h, dgu
