@@ -10,6 +10,8 @@ For each shape (S = T * k routed rows through H -> 2I -> H, E experts, top-k rou
   dW1, dX1 with the scatter) likewise. ``triton_bwd_split``: the same with the SwiGLU backward split out of
   the dX2 GEMM into its own elementwise pass (``$MOON_FAST_MOE_SWIGLU_BWD=split``), and ``op_triton_split``
   the whole op in that mode: which of the two modes should be the default is measured here.
+- ``*_tma`` (16-bit, on a GPU with TMA): the same with the plain-tile operands loaded through TMA
+  descriptors (``$MOON_FAST_MOE_TMA=1``), against the pointer loads of the rows above.
 - ``dense_fwdbwd`` and the whole op, forward+backward, per backend (``triton``, ``cuda``, ``torch``,
   ``grouped_mm``), routing included.
 Each time is the median of ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls).
@@ -30,6 +32,12 @@ from moe_gpu_launches import BACKWARD, BACKWARD_SPLIT, FORWARD, MoeLaunches, dev
 from moon_fast.bench.harness import machine_info, write_rows
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _device_has_tma(device: torch.device) -> bool:
+    from moon_fast.kernels.moe import _device_has_tma
+
+    return _device_has_tma(device)
 
 
 def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, backends: list[str],
@@ -53,10 +61,20 @@ def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, ba
     base_b = record("dense_bwd", lambda: m.dense(BACKWARD), bwd_flops)
     record("triton_bwd", lambda: m.run(BACKWARD), bwd_flops, base_b)
     record("triton_bwd_split", lambda: m.run(BACKWARD_SPLIT), bwd_flops, base_b)
+    tma = dtype != torch.float32 and _device_has_tma(torch.device(dev))
+    if tma:
+        tma_plan = m.plan_variant(tma=True)
+        record("triton_fwd_tma", lambda: m.run(FORWARD, tma_plan), fwd_flops, base_f)
+        record("triton_bwd_tma", lambda: m.run(BACKWARD, tma_plan), bwd_flops, base_b)
+        record("triton_bwd_split_tma", lambda: m.run(BACKWARD_SPLIT, tma_plan), bwd_flops, base_b)
     base = record("dense_fwdbwd", lambda: m.dense(FORWARD + BACKWARD), fwd_flops + bwd_flops)
     ops = [(f"op_{b}", m.op_step(b)) for b in backends]
     if "triton" in backends:
         ops.append(("op_triton_split", m.op_step("triton", {"MOON_FAST_MOE_SWIGLU_BWD": "split"})))
+        if tma:
+            ops.append(("op_triton_tma", m.op_step("triton", {"MOON_FAST_MOE_TMA": "1"})))
+            ops.append(("op_triton_split_tma", m.op_step("triton", {"MOON_FAST_MOE_TMA": "1",
+                                                                    "MOON_FAST_MOE_SWIGLU_BWD": "split"})))
     for name, op in ops:
         try:
             op()

@@ -119,6 +119,15 @@ class MoeLaunches:
         p.cfg = {**p.cfg, launch: _tiles(*tiles)}
         return p
 
+    def plan_variant(self, **attrs):
+        """A copy of the plan with attributes replaced (e.g. tma=True), routing made."""
+        import copy
+
+        p = copy.copy(self.plan)
+        for name, value in attrs.items():
+            setattr(p, name, value)
+        return p
+
     def run(self, names, plan=None) -> None:
         """The launches ``names`` in turn (the default tiles unless ``plan``)."""
         for name in names:

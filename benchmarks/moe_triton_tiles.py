@@ -4,7 +4,7 @@ triton.testing.do_bench (median, L2 flushed). Prints a table and the best config
 ``best_tiles_<dtype>.json`` in the form ``$MOON_FAST_MOE_TILES`` takes; ``--overhead`` also compares host
 and device time of whole op calls and profiles one.
 
-    python benchmarks/moe_triton_tiles.py --out DIR [--shapes 16384x8,4096x8] [--dtype bf16] [--overhead]
+    python benchmarks/moe_triton_tiles.py --out DIR [--shapes 16384x8,4096x8] [--dtype bf16] [--overhead] [--tma]
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ def _ms(fn) -> float:
     return device_ms(fn, warmup=10, rep=60)
 
 
-def sweep_shape(t, h, i, e, k, dtype, dev="cuda") -> list[dict]:
+def sweep_shape(t, h, i, e, k, dtype, dev="cuda", tma=False) -> list[dict]:
+    """tma: the launches with TMA descriptor loads ($MOON_FAST_MOE_TMA=1), whose best tiles may differ."""
     m = MoeLaunches(t, h, i, e, k, dtype, dev)
+    m.plan = m.plan_variant(tma=tma)
     rows = []
     tag = f"{m.shape['dtype']} T={t} E={e}"
     for name, configs in CANDIDATES.items():
@@ -90,15 +92,17 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="16384x8,4096x8")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--overhead", action="store_true")
+    p.add_argument("--tma", action="store_true", help="sweep the TMA descriptor loads ($MOON_FAST_MOE_TMA=1)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    res = {"machine": machine_info(), "rows": [], "overhead": []}
-    path = os.path.join(args.out, f"moe_triton_tiles_{args.dtype}.json")
+    res = {"machine": machine_info(), "tma": args.tma, "rows": [], "overhead": []}
+    tag = f"{args.dtype}_tma" if args.tma else args.dtype
+    path = os.path.join(args.out, f"moe_triton_tiles_{tag}.json")
     if args.overhead:
         res["overhead"] = overhead(4096, 1024, 1024, 8, 2, DTYPES[args.dtype], ["triton", "cuda", "torch"])
     for shp in filter(None, args.shapes.split(",")):
         t, e = (int(v) for v in shp.split("x"))
-        res["rows"] += sweep_shape(t, 1024, 1024, e, 2, DTYPES[args.dtype])
+        res["rows"] += sweep_shape(t, 1024, 1024, e, 2, DTYPES[args.dtype], tma=args.tma)
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
     best: dict = {}
@@ -111,7 +115,7 @@ def main(argv=None) -> int:
         print(f"  {name:14s} T={t} E={e}: {row['config']} {row['ms']:.3f} ms, {row['pct_of_dense']:.1f}% of dense")
     # the first shape's best, as $MOON_FAST_MOE_TILES takes it (kernels/moe.py tile_sizes)
     first = next(iter(best))[1:] if best else None
-    with open(os.path.join(args.out, f"best_tiles_{args.dtype}.json"), "w") as f:
+    with open(os.path.join(args.out, f"best_tiles_{tag}.json"), "w") as f:
         json.dump({name: row["config"] for (name, *shape), row in best.items() if tuple(shape) == first}, f)
     return 0
 

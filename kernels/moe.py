@@ -37,6 +37,7 @@ from moon_fast.kernels.moe_combine import choice_weight_grad, combine
 from moon_fast.kernels.moe_routing import route_triton
 from moon_fast.kernels.moe_swiglu import swiglu_backward
 from torch.autograd.function import once_differentiable
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moon_fast.ops.moe_routing import assert_all_routed
 
@@ -51,6 +52,12 @@ TILES_ENV = "MOON_FAST_MOE_TILES"
 # (kernels/moe_swiglu.py; one launch more). benchmarks/moe_gpu_gemm.py times both.
 SWIGLU_BWD_ENV = "MOON_FAST_MOE_SWIGLU_BWD"
 SWIGLU_BWD_MODES = ("fused", "split")
+# "1": on Hopper and later, 16-bit GEMM operands that are plain tiles (the weights; A rows where they are not
+# gathered) load through TMA tensor descriptors. Ignored on older GPUs: there Triton lowers descriptors to
+# ordinary loads, and offline for sm_80 the SwiGLU GEMM then lost its software pipelining and spilled.
+# Off by default until a GPU measures it against the pointer loads (benchmarks/moe_gpu_gemm.py,
+# ``op_triton_tma``).
+TMA_ENV = "MOON_FAST_MOE_TMA"
 
 
 def _tiles(bm, bn, bk, warps, stages) -> dict:
@@ -102,6 +109,43 @@ def swiglu_backward_mode() -> str:
     return mode
 
 
+def tma_enabled() -> bool:
+    """``$MOON_FAST_MOE_TMA``: "1" on, unset / "0" off (see TMA_ENV)."""
+    value = os.environ.get(TMA_ENV) or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"${TMA_ENV} must be 0 or 1; got {value!r}")
+    return value == "1"
+
+
+def _device_has_tma(device: torch.device) -> bool:
+    """Hopper (sm_90) or later; and the interpreter, which runs descriptor loads as TMA would (zero fill)."""
+    if interpreting():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A TMA descriptor's layout rule: last dim contiguous, the other strides and the base 16-byte aligned."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
+
+
+def _rows_desc(a: torch.Tensor, bm: int, bk: int):
+    """A (S, K) row-major as a descriptor of (BM, BK) boxes, or None where the layout does not allow one."""
+    return TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk]) if _tma_ok(a) else None
+
+
+def _weights_desc(b: torch.Tensor, bk: int, bn: int):
+    """B (E, K, N) any strides -> (descriptor, mode): mode 1 boxes (1, BK, BN) of an N-contiguous B, mode 2
+    boxes (1, BN, BK) of a K-contiguous one (the kernel transposes the tile); (b, 0) where neither fits."""
+    if b.stride(2) == 1 and _tma_ok(b):
+        return TensorDescriptor(b, list(b.shape), list(b.stride()), [1, bk, bn]), 1
+    bt = b.transpose(1, 2)
+    if bt.stride(2) == 1 and _tma_ok(bt):
+        return TensorDescriptor(bt, list(bt.shape), list(bt.stride()), [1, bn, bk]), 2
+    return b, 0
+
+
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot input precision. fp32 operands (fp32 inputs, or bf16 upcast under the interpreter): exact
     ("ieee") unless torch's own fp32 matmuls use TF32 (torch.backends.cuda.matmul.allow_tf32).
@@ -145,8 +189,9 @@ def _row_tile(bounds_ptr, E, BM: tl.constexpr, EP: tl.constexpr):
 @triton.jit
 def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, bounds_ptr,
                       H, INTER, stride_xm, stride_we, stride_wn, stride_wk,
-                      STORE_GU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      E: tl.constexpr, EP: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+                      STORE_GU: tl.constexpr, W_DESC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, COMPUTE: tl.constexpr,
+                      PRECISION: tl.constexpr):
     e, rows, rmask = _row_tile(bounds_ptr, E, BM, EP)
     if e >= E:  # a surplus program of the grid's upper bound
         return
@@ -157,19 +202,27 @@ def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, bounds_ptr,
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     offs_k = tl.arange(0, BK)
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-    wg_ptrs = w_ptr + e * stride_we + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    wu_ptrs = wg_ptrs + INTER * stride_wn
+    if W_DESC:  # w (E, 2I, H) through a TMA descriptor of (1, BN, BK) boxes. A gate box reaching past row I
+        n0 = tl.program_id(1) * BN  # reads up rows into columns the store masks off; past 2I, zeros.
+        e32 = e.to(tl.int32)
+    else:
+        wg_ptrs = w_ptr + e * stride_we + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        wu_ptrs = wg_ptrs + INTER * stride_wn
     for k0 in range(0, H, BK):
         kmask = (k0 + offs_k) < H
         a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0).to(COMPUTE)
-        bmask = kmask[:, None] & cmask[None, :]
-        wg = tl.load(wg_ptrs, mask=bmask, other=0.0)
-        wu = tl.load(wu_ptrs, mask=bmask, other=0.0)
+        if W_DESC:
+            wg = w_ptr.load([e32, n0, k0]).reshape(BN, BK).trans()
+            wu = w_ptr.load([e32, INTER + n0, k0]).reshape(BN, BK).trans()
+        else:
+            bmask = kmask[:, None] & cmask[None, :]
+            wg = tl.load(wg_ptrs, mask=bmask, other=0.0)
+            wu = tl.load(wu_ptrs, mask=bmask, other=0.0)
+            wg_ptrs += BK * stride_wk
+            wu_ptrs += BK * stride_wk
         acc_g = tl.dot(a, wg.to(COMPUTE), acc_g, input_precision=PRECISION)
         acc_u = tl.dot(a, wu.to(COMPUTE), acc_u, input_precision=PRECISION)
         a_ptrs += BK
-        wg_ptrs += BK * stride_wk
-        wu_ptrs += BK * stride_wk
     omask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
     if STORE_GU:
@@ -182,12 +235,14 @@ def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, bounds_ptr,
 
 # C[c_row(r)] = (scale[r] * A[a_row(r)]) @ B[e]   A rows (K,), B[e] (K, N) by strides, C rows (N,)
 # SWIGLU_BWD: C is dh (N = I); the epilogue reads gu (S, 2I) and writes dgu (S, 2I) and h (S, I) to c_ptr
+# A_DESC / B_DESC (TMA_ENV): a_ptr / b_ptr are TMA tensor descriptors (see _rows_desc, _weights_desc)
 @triton.jit
 def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr, gu_ptr, dgu_ptr,
                          bounds_ptr,
                          N, K, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
                          A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, C_SCATTER: tl.constexpr,
-                         SWIGLU_BWD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         SWIGLU_BWD: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          E: tl.constexpr, EP: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
     e, rows, rmask = _row_tile(bounds_ptr, E, BM, EP)
     if e >= E:  # a surplus program of the grid's upper bound
@@ -199,14 +254,31 @@ def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     cmask = cols < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    a_base = a_ptr + a_rows[:, None] * stride_am  # gathered rows: offsets recomputed per K step, which
-    b_base = b_ptr + e * stride_be                 # keeps fewer 64-bit pointer tiles live (no spills)
+    # A_DESC: A (S, K) through a TMA descriptor from the tile's first row; rows past the expert's end load
+    # the next expert's rows (zeros past S), which the store masks off. Pointer loads: offsets recomputed
+    # per K step, which keeps fewer 64-bit pointer tiles live (no spills).
+    if A_DESC:
+        first = tl.min(rows, 0)
+    else:
+        a_base = a_ptr + a_rows[:, None] * stride_am
+    if B_DESC == 0:
+        b_base = b_ptr + e * stride_be
+    n0 = tl.program_id(1) * BN
+    e32 = e.to(tl.int32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < K
-        a = tl.load(a_base + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=kmask[:, None] & cmask[None, :],
-                    other=0.0)
+        if A_DESC:
+            a = a_ptr.load([first, k0])
+        else:
+            a = tl.load(a_base + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if B_DESC == 1:  # B (E, K, N) N-contiguous, boxes (1, BK, BN)
+            b = b_ptr.load([e32, k0, n0]).reshape(BK, BN)
+        elif B_DESC == 2:  # B stored (E, N, K) K-contiguous, boxes (1, BN, BK), transposed here
+            b = b_ptr.load([e32, n0, k0]).reshape(BN, BK).trans()
+        else:
+            b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                        mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=PRECISION)
     if A_SCALE:  # diag(scale) A B = diag(scale) (A B): scale the accumulator rows once, not every A tile
         acc = acc * tl.load(a_scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
@@ -283,6 +355,8 @@ class _Plan:
         self.compute = compute_dtype_for(dtype)
         self.precision = _precision(dtype)
         self.swiglu_bwd = swiglu_backward_mode()
+        self.tma = (tma_enabled() and dtype in (torch.float16, torch.bfloat16)
+                    and _device_has_tma(expert_idx.device))
 
     def row_tiles(self, block_m: int) -> int:
         """Programs along the rows of a row-tile launch: an upper bound of sum_e cdiv(count_e, BM)."""
@@ -299,9 +373,12 @@ def swiglu_up(plan: _Plan, hidden, gate_up_proj, store_gu: bool):
     gu = _utils.new_output((s, 2 * inter), hidden) if store_gu else h  # dummy pointer when not stored
     opts = plan.launch_opts("swiglu_up")
     grid = (plan.row_tiles(opts["BM"]), triton.cdiv(inter, opts["BN"]))
-    _swiglu_up_kernel[grid](hidden, plan.routing.token, gate_up_proj, h, gu, plan.bounds, hidden.shape[1], inter,
+    w = gate_up_proj
+    if plan.tma and w.stride(2) == 1 and _tma_ok(w):
+        w = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, opts["BN"], opts["BK"]])
+    _swiglu_up_kernel[grid](hidden, plan.routing.token, w, h, gu, plan.bounds, hidden.shape[1], inter,
                             hidden.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
-                            STORE_GU=store_gu, **plan.experts, **opts)
+                            STORE_GU=store_gu, W_DESC=w is not gate_up_proj, **plan.experts, **opts)
     return h, (gu if store_gu else None)
 
 
@@ -316,12 +393,17 @@ def grouped_rows(plan: _Plan, launch: str, a, b, n, *, a_idx=None, a_scale=None,
     dgu = _utils.new_output(swiglu_gu.shape, a) if swiglu_gu is not None else c
     opts = plan.launch_opts(launch)
     grid = (plan.row_tiles(opts["BM"]), triton.cdiv(n, opts["BN"]))
+    a_op, b_op, b_mode = a, b, 0
+    if plan.tma:
+        if a_idx is None:
+            a_op = _rows_desc(a, opts["BM"], opts["BK"]) or a
+        b_op, b_mode = _weights_desc(b, opts["BK"], opts["BN"])
     _grouped_rows_kernel[grid](
-        a, a_idx if a_idx is not None else plan.bounds, a_scale if a_scale is not None else a, b, c,
+        a_op, a_idx if a_idx is not None else plan.bounds, a_scale if a_scale is not None else a, b_op, c,
         c_idx if c_idx is not None else plan.bounds, swiglu_gu if swiglu_gu is not None else c, dgu,
         plan.bounds, n, k, a.stride(0), b.stride(0), b.stride(1), b.stride(2),
         c.stride(0), A_GATHER=a_idx is not None, A_SCALE=a_scale is not None, C_SCATTER=c_idx is not None,
-        SWIGLU_BWD=swiglu_gu is not None, **plan.experts, **opts)
+        SWIGLU_BWD=swiglu_gu is not None, A_DESC=a_op is not a, B_DESC=b_mode, **plan.experts, **opts)
     return (c, dgu) if swiglu_gu is not None else c
 
 

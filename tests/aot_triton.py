@@ -32,6 +32,7 @@ from pathlib import Path
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 _launches: list = []
+ARCH = 90  # the target: what the ops' launchers take the GPU to be (e.g. whether it has TMA)
 
 
 def start_recording() -> None:
@@ -44,8 +45,8 @@ def start_recording() -> None:
 # ----------------------------------------------------------------------------- the ops' launches
 
 def exercise_moe(configs) -> None:
-    """configs: (dtype name, T, H, I, E, k). Forward + backward (SwiGLU backward fused, then split), and the
-    inference forward."""
+    """configs: (dtype name, T, H, I, E, k). Forward + backward (SwiGLU backward fused, then split; then both
+    with TMA descriptors), and the inference forward."""
     import moon_fast.kernels.moe as moe_triton
     import torch
 
@@ -61,6 +62,7 @@ def exercise_moe(configs) -> None:
         return r, torch.cat([r.offsets.new_zeros(1), r.offsets])
 
     moe_triton.route_triton = recorded_routing
+    moe_triton._device_has_tma = lambda device: ARCH >= 90  # the target's, not this CPU's
     moe_mlp_triton = moe_triton.moe_mlp_triton
     for dtype, t, h, inter, e, k in configs:
         dt = getattr(torch, dtype)
@@ -71,11 +73,17 @@ def exercise_moe(configs) -> None:
         down = torch.randn(e, h, inter, dtype=dt, requires_grad=True)
         moe_mlp_triton(hidden, idx, weight, gate_up, down).sum().backward()
         moe_mlp_triton(*(x.detach() for x in (hidden, idx, weight, gate_up, down)))  # STORE_GU=False
-        os.environ[moe_triton.SWIGLU_BWD_ENV] = "split"  # the plain dh GEMM and the elementwise pass
-        try:
-            moe_mlp_triton(hidden, idx, weight, gate_up, down).sum().backward()
-        finally:
-            del os.environ[moe_triton.SWIGLU_BWD_ENV]
+        # the plain dh GEMM and the elementwise pass; then TMA descriptors for the plain-tile operands
+        # (16-bit only), with the SwiGLU backward fused and split
+        for env in ({moe_triton.SWIGLU_BWD_ENV: "split"}, {moe_triton.TMA_ENV: "1"},
+                    {moe_triton.TMA_ENV: "1", moe_triton.SWIGLU_BWD_ENV: "split"}):
+            os.environ.update(env)
+            try:
+                moe_mlp_triton(hidden, idx, weight, gate_up, down).sum().backward()
+                moe_mlp_triton(*(x.detach() for x in (hidden, idx, weight, gate_up, down)))
+            finally:
+                for name in env:
+                    del os.environ[name]
 
 
 def exercise_attention(configs) -> None:
@@ -190,7 +198,7 @@ def run_child(op: str, arch: int, tmp_path: Path, timeout: int = 900) -> list[di
     import json
 
     script = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import aot_triton as a\n"
-              f"a.start_recording(); a.EXERCISE[{op!r}](a.CI[{op!r}])\n"
+              f"a.ARCH = {arch}; a.start_recording(); a.EXERCISE[{op!r}](a.CI[{op!r}])\n"
               f"print('RESULT', json.dumps(a.compile_recorded({arch}), default=str))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
@@ -210,6 +218,8 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET"):
         sys.exit("unset TRITON_INTERPRET: the launchers must pick their GPU tile sizes")
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aot-triton-")  # fresh: every kernel is compiled
+    global ARCH
+    ARCH = args.arch
     start_recording()
     configs = FULL if args.full else CI
     for op in args.ops.split(","):

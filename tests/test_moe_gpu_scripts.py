@@ -20,16 +20,21 @@ def test_moe_gpu_gemm_rows(dtype):
     import moe_gpu_gemm
 
     rows = moe_gpu_gemm.measure_shape(40, 32, 32, 3, 2, dtype, ["triton", "torch"], dev="cpu")
-    assert [r["what"] for r in rows] == ["dense_fwd", "triton_fwd", "dense_bwd", "triton_bwd", "triton_bwd_split",
-                                         "dense_fwdbwd", "op_triton", "op_torch", "op_triton_split"]
+    # TMA rows in 16-bit: the interpreter runs descriptor loads (on a GPU: only where it has TMA)
+    tma = dtype != torch.float32
+    assert [r["what"] for r in rows] == (
+        ["dense_fwd", "triton_fwd", "dense_bwd", "triton_bwd", "triton_bwd_split"]
+        + ["triton_fwd_tma", "triton_bwd_tma", "triton_bwd_split_tma"] * tma
+        + ["dense_fwdbwd", "op_triton", "op_torch", "op_triton_split"] + ["op_triton_tma", "op_triton_split_tma"] * tma)
     assert all("error" not in r and math.isnan(r["ms"]) for r in rows)  # no GPU: no timing, no error
 
 
-def test_tile_sweep_runs_every_launch(monkeypatch):
+@pytest.mark.parametrize("dtype, tma", [(torch.float32, False), (torch.bfloat16, True)], ids=str)
+def test_tile_sweep_runs_every_launch(dtype, tma, monkeypatch):
     import moe_triton_tiles
 
     monkeypatch.setattr(moe_triton_tiles, "CANDIDATES", {n: c[:1] for n, c in moe_triton_tiles.CANDIDATES.items()})
-    rows = moe_triton_tiles.sweep_shape(40, 32, 32, 3, 2, torch.float32, dev="cpu")
+    rows = moe_triton_tiles.sweep_shape(40, 32, 32, 3, 2, dtype, dev="cpu", tma=tma)
     assert [r["launch"] for r in rows] == list(moe_triton_tiles.CANDIDATES)
     assert all("error" not in r for r in rows), [r.get("error") for r in rows]
 

@@ -164,6 +164,62 @@ def test_triton_swiglu_backward_mode_env(monkeypatch):
         moe_triton.swiglu_backward_mode()
 
 
+# Widths whose rows are 16-byte aligned in 16-bit (TMA descriptors need that): one token; an empty expert;
+# several row tiles per expert, so a descriptor's A box reaches into the next expert's rows (and past S).
+TMA_CASES = [("one_token", 1, 16, 8, 4, 2, "random"), ("empty_expert", 21, 16, 24, 4, 2, "skip_expert"),
+             ("many_rows_per_expert", 40, 24, 16, 2, 2, "random"), ("unaligned_inter", 9, 16, 12, 3, 1, "random")]
+
+
+@pytest.mark.parametrize("swiglu_bwd", ["fused", "split"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TMA_CASES, ids=[c[0] for c in TMA_CASES])
+def test_triton_tma_operands_match_reference(case, dtype, swiglu_bwd, monkeypatch):
+    """$MOON_FAST_MOE_TMA=1: the GEMMs' plain-tile operands (weights; A rows that are not gathered) load
+    through tensor descriptors (the interpreter runs them as TMA would: zero fill past the tensor). Checked
+    against the reference, and checked to have used descriptors exactly where the layout allows them: I = 12
+    in 16-bit (24-byte rows) leaves the I-wide operands (h, down_proj) on pointer loads."""
+    pytest.importorskip("triton")
+    import moon_fast.kernels.moe as moe_triton
+
+    made = []
+    real = moe_triton.TensorDescriptor
+
+    def recording(base, shape, strides, block_shape):
+        made.append(tuple(shape))
+        return real(base, shape, strides, block_shape)
+
+    monkeypatch.setattr(moe_triton, "TensorDescriptor", recording)
+    monkeypatch.setenv(moe_triton.TMA_ENV, "1")
+    monkeypatch.setenv(moe_triton.SWIGLU_BWD_ENV, swiglu_bwd)
+    _, t, h, i, e, k, routing = case
+    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=hash(case) % 1000)
+    ref32 = run("reference", tensors, idx, grad_out)
+    ref_lp = run("reference", tensors, idx, grad_out, dtype)
+    got = run("triton", tensors, idx, grad_out, dtype)
+    check_against_fp32_oracle(got, ref_lp, ref32, dtype)
+    s = t * k
+    if i % 8 == 0:  # swiglu_up: gate_up; down_fwd: h rows, down; dh: down; dx: dgu rows, gate_up
+        want = [(e, 2 * i, h), (s, i), (e, h, i), (e, h, i), (s, 2 * i), (e, 2 * i, h)]
+    else:  # I = 12: only gate_up (H-wide rows, in swiglu_up and dx) and dx's dgu rows (2I = 24: 48 bytes)
+        want = [(e, 2 * i, h), (s, 2 * i), (e, 2 * i, h)]
+    assert sorted(made) == sorted(want), made
+
+
+def test_triton_tma_env(monkeypatch):
+    pytest.importorskip("triton")
+    import moon_fast.kernels.moe as moe_triton
+
+    monkeypatch.delenv(moe_triton.TMA_ENV, raising=False)
+    assert moe_triton.tma_enabled() is False
+    monkeypatch.setenv(moe_triton.TMA_ENV, "1")
+    assert moe_triton.tma_enabled() is True
+    monkeypatch.setenv(moe_triton.TMA_ENV, "yes")
+    with pytest.raises(ValueError, match="MOON_FAST_MOE_TMA must be 0 or 1"):
+        moe_triton.tma_enabled()
+    monkeypatch.setattr(moe_triton, "interpreting", lambda: False)  # off the interpreter, a CPU has no TMA
+    assert moe_triton._device_has_tma(torch.device("cpu")) is False
+
+
 # ----------------------------------------------------------------------------- on a CUDA GPU
 
 # The CPU cases plus two at GPU tile sizes: several 128-row tiles per expert with K loops of several steps
@@ -194,6 +250,24 @@ def test_backend_matches_reference_on_cuda(backend, case, dtype):
     ref_lp = run("reference", tensors, idx, grad_out, dtype)
     got = run(backend, tensors, idx, grad_out, dtype)
     check_against_fp32_oracle(got, ref_lp, ref32, dtype)
+
+
+TRITON_MODES = {"split": {"MOON_FAST_MOE_SWIGLU_BWD": "split"}, "tma": {"MOON_FAST_MOE_TMA": "1"},
+                "tma_split": {"MOON_FAST_MOE_TMA": "1", "MOON_FAST_MOE_SWIGLU_BWD": "split"}}
+MODE_CASES = [c for c in GPU_CASES if c[0] in ("one_token", "empty_expert", "many_rows_per_expert", "gpu_aligned",
+                                               "gpu_unaligned")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", MODE_CASES, ids=[c[0] for c in MODE_CASES])
+@pytest.mark.parametrize("mode", list(TRITON_MODES))
+def test_triton_modes_match_reference_on_cuda(mode, case, dtype, monkeypatch):
+    """The Triton backend's optional modes on a real GPU: the split SwiGLU backward, and TMA descriptor loads
+    (where the GPU has TMA: real TMA boxes, whose zero fill past the tensor the interpreter only imitates)."""
+    for name, value in TRITON_MODES[mode].items():
+        monkeypatch.setenv(name, value)
+    test_backend_matches_reference_on_cuda("triton", case, dtype)
 
 
 # ----------------------------------------------------------------------------- transformers' experts

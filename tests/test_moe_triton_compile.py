@@ -15,6 +15,13 @@ VARIANTS = [("_swiglu_up_kernel", ("STORE_GU",)), ("_swiglu_up_kernel", ()),  # 
             ("_grouped_rows_kernel", ("A_GATHER", "A_SCALE")),  # the plain dh GEMM (SwiGLU backward split)
             ("_grouped_wgrad_kernel", ("A_GATHER", "A_SCALE")),  # d down_proj
             ("_grouped_wgrad_kernel", ("B_GATHER",))]  # d gate_up_proj
+# With $MOON_FAST_MOE_TMA=1 (16-bit only): the weights through descriptors in every row-tile launch (B_DESC
+# 1 = N-contiguous, 2 = K-contiguous, transposed in the kernel), and A too where its rows are not gathered.
+TMA_VARIANTS = [("_swiglu_up_kernel", ("STORE_GU", "W_DESC")), ("_swiglu_up_kernel", ("W_DESC",)),
+                ("_grouped_rows_kernel", ("C_SCATTER", "A_DESC", "B_DESC=2")),  # down GEMM
+                ("_grouped_rows_kernel", ("C_SCATTER", "A_DESC", "B_DESC=1")),  # dx GEMM
+                ("_grouped_rows_kernel", ("A_GATHER", "A_SCALE", "SWIGLU_BWD", "B_DESC=1")),
+                ("_grouped_rows_kernel", ("A_GATHER", "A_SCALE", "B_DESC=1"))]
 # The small kernels around the GEMMs: routing (kernels/moe_routing.py), combine and its weight gradient
 # (kernels/moe_combine.py), the split SwiGLU backward (kernels/moe_swiglu.py). They have no tile table; each
 # must compile and spill nothing.
@@ -31,6 +38,8 @@ def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, tmp_path):
     for kern in kernels:
         flags = kern["flags"]
         switches = tuple(name for name, value in flags.items() if value is True)
+        if flags.get("B_DESC"):
+            switches += (f"B_DESC={flags['B_DESC']}",)
         if kern["name"] in HELPERS:
             assert kern["spills"] == 0, kern
             covered.add(kern["name"])
@@ -49,5 +58,10 @@ def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, tmp_path):
             assert kern["spills"] == 0, kern
     missing = [(name, sw, dt) for name, sw in VARIANTS for dt in ("bf16", "fp16", "fp32")
                if (name, sw, dt, True) not in covered]
+    tma = [(name, sw, dt) for name, sw in TMA_VARIANTS for dt in ("bf16", "fp16")]
+    if arch >= 90:
+        missing += [v for v in tma if (*v, True) not in covered]
+    else:  # no TMA before Hopper: $MOON_FAST_MOE_TMA is ignored there
+        assert not [v for v in tma if (*v, True) in covered], "TMA launches compiled for a GPU without TMA"
     assert not missing, f"launches not compiled in their aligned specialisation: {missing}"
     assert covered.issuperset(HELPERS), f"helper kernels not compiled: {set(HELPERS) - covered}"
