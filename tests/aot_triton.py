@@ -148,7 +148,8 @@ def _ptxas_usage(log: str) -> tuple[int, int]:
 def compile_recorded(arch: int) -> list[dict]:
     """Compiles each distinct recorded launch for sm_``arch``; prints one line per compiled kernel and
     returns {"name", "flags" (constexpr arguments), "shared" (bytes), "regs" (per thread), "spills" (spill
-    store bytes), "aligned" (every pointer and int argument 16-divisible)} for each. Fails if a kernel does
+    store bytes), "tma_copies" (TMA loads in the TTGIR), "aligned" (every pointer and int argument
+    16-divisible)} for each. Fails if a kernel does
     not compile or needs more shared memory than the GPU has. Call it with an empty Triton cache: a cached
     kernel has no ptxas report."""
     import triton
@@ -184,11 +185,13 @@ def compile_recorded(arch: int) -> list[dict]:
             f"{shared} bytes of shared memory; sm_{arch} has {SMEM_LIMIT[arch]}")
         int_or_ptr = [i for i, ty in enumerate(signature.values()) if ty.startswith(("*", "i"))]
         aligned = all(attrs.get((i,)) for i in int_or_ptr)
+        # TMA loads issued asynchronously into shared memory (Hopper): what descriptor loads should become
+        tma = compiled.asm["ttgir"].count("ttng.async_tma_copy_global_to_local")
         print("compiled", f"sm_{arch}", kern.__name__, flags, f"warps={options.num_warps}",
               f"stages={options.num_stages}", f"smem={shared}", f"regs={regs}", f"spill_stores={spills}",
-              "aligned" if aligned else "unaligned", flush=True)
+              f"tma_copies={tma}", "aligned" if aligned else "unaligned", flush=True)
         compiled_kernels.append({"name": kern.__name__, "flags": flags, "shared": shared, "regs": regs,
-                                 "spills": spills, "aligned": aligned})
+                                 "spills": spills, "tma_copies": tma, "aligned": aligned})
     return compiled_kernels
 
 

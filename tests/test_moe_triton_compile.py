@@ -45,6 +45,10 @@ def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, tmp_path):
             covered.add(kern["name"])
             continue
         covered.add((kern["name"], switches, flags["COMPUTE"], kern["aligned"]))
+        descs = int(bool(flags.get("W_DESC"))) * 2 + int(bool(flags.get("A_DESC"))) + int(bool(flags.get("B_DESC")))
+        # each descriptor operand must become asynchronous TMA copies (one per pipeline stage in the loop and
+        # the prologue), not ordinary loads
+        assert (kern["tma_copies"] >= descs) and (descs > 0 or kern["tma_copies"] == 0), kern
         if kern["aligned"] and kern["name"] != "_grouped_wgrad_kernel":
             # Both operands are plain tile loads here, so with aligned widths the K loop must be software
             # pipelined: more shared memory than one stage's tiles. One stage means every K step waits on
