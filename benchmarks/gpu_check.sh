@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU can check, in one command, in about 8 minutes on one H100 / H200:
+# Everything a lent GPU can check, in one command, in about 8-10 minutes on one H100 / H200:
 #   1. builds moon_fast._C for this GPU's architecture only (the CPU emulator build is skipped),
 #   2. runs the tests that run on CUDA: the MoE backends against the reference (gpu-marked), the Triton
 #      MoE routing / combine kernels and launch counts, the Triton attention tests and the contrastive
