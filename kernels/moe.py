@@ -35,7 +35,7 @@ from moon_fast.kernels import _utils
 from moon_fast.kernels._utils import compute_dtype_for, interpreting, next_power_of_2
 from moon_fast.kernels.moe_combine import choice_weight_grad, combine
 from moon_fast.kernels.moe_routing import route_triton
-from moon_fast.kernels.moe_swiglu import swiglu_backward
+from moon_fast.kernels.moe_swiglu import swiglu_backward, swiglu_backward_tile
 from torch.autograd.function import once_differentiable
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -285,15 +285,8 @@ def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
     omask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
     if SWIGLU_BWD:
-        gu_row = rows64[:, None] * (2 * N) + cols[None, :]
-        g = tl.load(gu_ptr + gu_row, mask=omask, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + gu_row + N, mask=omask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(g)
-        silu = g * sig
-        tl.store(dgu_ptr + gu_row, (acc * u * (sig + silu * (1.0 - sig))).to(dgu_ptr.dtype.element_ty), mask=omask)
-        tl.store(dgu_ptr + gu_row + N, (acc * silu).to(dgu_ptr.dtype.element_ty), mask=omask)
-        tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], (silu * u).to(c_ptr.dtype.element_ty),
-                 mask=omask)
+        swiglu_backward_tile(acc, gu_ptr, dgu_ptr, rows64[:, None] * (2 * N) + cols[None, :], c_ptr,
+                             rows64[:, None] * stride_cm + cols[None, :], N, omask)
     else:
         if C_SCATTER:
             c_rows = tl.load(c_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)

@@ -4,8 +4,8 @@ SwiGLU backward fused into the dh GEMM's epilogue (kernels/moe.py, ``$MOON_FAST_
 With h = silu(g) * u, gu = [g | u] the saved pre-activation and dh the gradient of h:
     d g = dh * u * silu'(g),  silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
     d u = dh * silu(g)
-and h itself, recomputed for the down projection's weight gradient. The formulas and the fp32 arithmetic
-are those of the fused epilogue. One difference: here dh arrives rounded to the input dtype (the plain GEMM
+and h itself, recomputed for the down projection's weight gradient. The fused epilogue calls the same
+``swiglu_backward_tile``. One difference: here dh arrives rounded to the input dtype (the plain GEMM
 stores it), where the fused epilogue uses its fp32 accumulator.
 
 Why a split exists: on an H100 (bf16, T=16384, H=I=1024) the fused launch took 0.533 ms where the plain
@@ -26,6 +26,20 @@ _BLOCK_ROWS = 8
 _BLOCK_COLS = 256
 
 
+@triton.jit
+def swiglu_backward_tile(dh, gu_ptr, dgu_ptr, gu_offs, h_ptr, h_offs, INTER, mask):
+    """One tile of the SwiGLU backward, shared by the elementwise pass below and the dh GEMM's fused
+    epilogue (kernels/moe.py): dh (R, C) fp32; gu_offs (R, C) the tile's gate offsets in gu / dgu (the up
+    half is INTER further); h_offs (R, C) its offsets in h. Stores dg, du and h = silu(g) * u."""
+    g = tl.load(gu_ptr + gu_offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + gu_offs + INTER, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    tl.store(dgu_ptr + gu_offs, (dh * u * (sig + silu * (1.0 - sig))).to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgu_ptr + gu_offs + INTER, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + h_offs, (silu * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
 # dh (S, I), gu (S, 2I) -> dgu (S, 2I), h (S, I); all contiguous
 @triton.jit
 def _swiglu_backward_kernel(dh_ptr, gu_ptr, dgu_ptr, h_ptr, S, INTER, BS: tl.constexpr, BI: tl.constexpr):
@@ -33,15 +47,8 @@ def _swiglu_backward_kernel(dh_ptr, gu_ptr, dgu_ptr, h_ptr, S, INTER, BS: tl.con
     cols = tl.program_id(1) * BI + tl.arange(0, BI)
     mask = (rows < S)[:, None] & (cols < INTER)[None, :]
     one = rows[:, None] * INTER + cols[None, :]
-    two = rows[:, None] * (2 * INTER) + cols[None, :]
     dh = tl.load(dh_ptr + one, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gu_ptr + two, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + two + INTER, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
-    silu = g * sig
-    tl.store(dgu_ptr + two, (dh * u * (sig + silu * (1.0 - sig))).to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgu_ptr + two + INTER, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(h_ptr + one, (silu * u).to(h_ptr.dtype.element_ty), mask=mask)
+    swiglu_backward_tile(dh, gu_ptr, dgu_ptr, rows[:, None] * (2 * INTER) + cols[None, :], h_ptr, one, INTER, mask)
 
 
 def swiglu_backward(dh: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
