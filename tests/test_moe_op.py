@@ -170,6 +170,19 @@ TMA_CASES = [("one_token", 1, 16, 8, 4, 2, "random"), ("empty_expert", 21, 16, 2
              ("many_rows_per_expert", 40, 24, 16, 2, 2, "random"), ("unaligned_inter", 9, 16, 12, 3, 1, "random")]
 
 
+def _record_descriptors(monkeypatch, moe_triton) -> list:
+    """The shapes of the TMA descriptors kernels/moe.py makes from now on, in order."""
+    made = []
+    real = moe_triton.TensorDescriptor
+
+    def recording(base, shape, strides, block_shape):
+        made.append(tuple(shape))
+        return real(base, shape, strides, block_shape)
+
+    monkeypatch.setattr(moe_triton, "TensorDescriptor", recording)
+    return made
+
+
 @pytest.mark.parametrize("swiglu_bwd", ["fused", "split"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", TMA_CASES, ids=[c[0] for c in TMA_CASES])
@@ -181,14 +194,7 @@ def test_triton_tma_operands_match_reference(case, dtype, swiglu_bwd, monkeypatc
     pytest.importorskip("triton")
     import moon_fast.kernels.moe as moe_triton
 
-    made = []
-    real = moe_triton.TensorDescriptor
-
-    def recording(base, shape, strides, block_shape):
-        made.append(tuple(shape))
-        return real(base, shape, strides, block_shape)
-
-    monkeypatch.setattr(moe_triton, "TensorDescriptor", recording)
+    made = _record_descriptors(monkeypatch, moe_triton)
     monkeypatch.setenv(moe_triton.TMA_ENV, "1")
     monkeypatch.setenv(moe_triton.SWIGLU_BWD_ENV, swiglu_bwd)
     _, t, h, i, e, k, routing = case
@@ -203,6 +209,33 @@ def test_triton_tma_operands_match_reference(case, dtype, swiglu_bwd, monkeypatc
     else:  # I = 12: only gate_up (H-wide rows, in swiglu_up and dx) and dx's dgu rows (2I = 24: 48 bytes)
         want = [(e, 2 * i, h), (s, 2 * i), (e, 2 * i, h)]
     assert sorted(made) == sorted(want), made
+
+
+def test_triton_tma_leaves_misaligned_weights_on_pointer_loads(monkeypatch):
+    """A weight whose storage starts 2 bytes past a 16-byte boundary (a view into a larger buffer) cannot be
+    a TMA descriptor: that operand keeps its pointer loads, the others still go through descriptors, and the
+    result matches the reference."""
+    pytest.importorskip("triton")
+    import moon_fast.kernels.moe as moe_triton
+
+    made = _record_descriptors(monkeypatch, moe_triton)
+    monkeypatch.setenv(moe_triton.TMA_ENV, "1")
+    t, h, i, e, k = 21, 16, 24, 4, 2
+    tensors, idx, grad_out = make_inputs(t, h, i, e, k, "random", torch.float32, seed=7)
+    tensors = [x.to(torch.bfloat16) for x in tensors]
+    buf = torch.empty(tensors[2].numel() + 1, dtype=torch.bfloat16)
+    gate_up = buf[1:].view(tensors[2].shape)
+    gate_up.copy_(tensors[2])
+    assert gate_up.data_ptr() % 16 != 0
+    hidden, weight, _, down = (x.detach().requires_grad_() for x in tensors)
+    gate_up.requires_grad_()
+    out = moe_mlp(hidden, idx, weight, gate_up, down, backend="triton")
+    out.backward(grad_out.to(out.dtype))
+    got = [out.detach(), hidden.grad, weight.grad, gate_up.grad, down.grad]
+    assert (e, 2 * i, h) not in made and made, made  # gate_up on pointers; h, down and dgu on descriptors
+    ref32 = run("reference", [x.float() for x in tensors], idx, grad_out)
+    ref_lp = run("reference", tensors, idx, grad_out)
+    check_against_fp32_oracle(got, ref_lp, ref32, torch.bfloat16)
 
 
 def test_triton_tma_env(monkeypatch):
