@@ -54,7 +54,8 @@ SWIGLU_BWD_ENV = "MOON_FAST_MOE_SWIGLU_BWD"
 SWIGLU_BWD_MODES = ("fused", "split")
 # "1": on Hopper and later, 16-bit GEMM operands that are plain tiles (the weights; A rows where they are not
 # gathered) load through TMA tensor descriptors. Ignored on older GPUs: there Triton lowers descriptors to
-# ordinary loads, and offline for sm_80 the SwiGLU GEMM then lost its software pipelining and spilled.
+# ordinary loads, which compiled for sm_80 spilled registers (712 bytes in the down GEMM) and kept fewer
+# stages (benchmarks/results/2026-11-22-aot/triton_aot_sm80_moe_tma_forced_6819b96.txt).
 # Off by default until a GPU measures it against the pointer loads (benchmarks/moe_gpu_gemm.py,
 # ``op_triton_tma``).
 TMA_ENV = "MOON_FAST_MOE_TMA"
