@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from unittest import mock
 
 import torch
 from moe_gpu_launches import BACKWARD, BACKWARD_SPLIT, FORWARD, MoeLaunches, device_ms
@@ -34,14 +35,10 @@ from moon_fast.bench.harness import machine_info, write_rows
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _device_has_tma(device: torch.device) -> bool:
-    from moon_fast.kernels.moe import _device_has_tma
-
-    return _device_has_tma(device)
-
-
 def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, backends: list[str],
                   dev: str = "cuda") -> list[dict]:
+    from moon_fast.kernels.moe import _device_has_tma
+
     m = MoeLaunches(t, h, i, e, k, dtype, dev)
     fwd_flops, bwd_flops = m.flops(FORWARD), m.flops(BACKWARD)
     rows = []
@@ -68,21 +65,22 @@ def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, ba
         record("triton_bwd_tma", lambda: m.run(BACKWARD, tma_plan), bwd_flops, base_b)
         record("triton_bwd_split_tma", lambda: m.run(BACKWARD_SPLIT, tma_plan), bwd_flops, base_b)
     base = record("dense_fwdbwd", lambda: m.dense(FORWARD + BACKWARD), fwd_flops + bwd_flops)
-    ops = [(f"op_{b}", m.op_step(b)) for b in backends]
+    # (name, backend, environment for the whole measurement of that row)
+    ops = [(f"op_{b}", b, {}) for b in backends]
     if "triton" in backends:
-        ops.append(("op_triton_split", m.op_step("triton", {"MOON_FAST_MOE_SWIGLU_BWD": "split"})))
-        if tma:
-            ops.append(("op_triton_tma", m.op_step("triton", {"MOON_FAST_MOE_TMA": "1"})))
-            ops.append(("op_triton_split_tma", m.op_step("triton", {"MOON_FAST_MOE_TMA": "1",
-                                                                    "MOON_FAST_MOE_SWIGLU_BWD": "split"})))
-    for name, op in ops:
-        try:
-            op()
-        except Exception as exc:  # noqa: BLE001  recorded; the other backends still run
-            rows.append({**m.shape, "what": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
-            print(f"{name}: {rows[-1]['error']}", flush=True)
-            continue
-        record(name, op, fwd_flops + bwd_flops, base)
+        split, on = {"MOON_FAST_MOE_SWIGLU_BWD": "split"}, {"MOON_FAST_MOE_TMA": "1"}
+        ops += [("op_triton_split", "triton", split)]
+        ops += [("op_triton_tma", "triton", on), ("op_triton_split_tma", "triton", {**on, **split})] * tma
+    for name, backend, env in ops:
+        op = m.op_step(backend)
+        with mock.patch.dict(os.environ, env):
+            try:
+                op()
+            except Exception as exc:  # noqa: BLE001  recorded; the other backends still run
+                rows.append({**m.shape, "what": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                print(f"{name}: {rows[-1]['error']}", flush=True)
+                continue
+            record(name, op, fwd_flops + bwd_flops, base)
     return rows
 
 

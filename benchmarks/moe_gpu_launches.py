@@ -111,13 +111,9 @@ class MoeLaunches:
 
     def plan_with(self, launch: str, tiles: tuple[int, int, int, int, int]):
         """A plan whose ``launch`` uses ``tiles`` (BM, BN, BK, num_warps, num_stages), routing made."""
-        import copy
-
         from moon_fast.kernels.moe import _tiles
 
-        p = copy.copy(self.plan)
-        p.cfg = {**p.cfg, launch: _tiles(*tiles)}
-        return p
+        return self.plan_variant(cfg={**self.plan.cfg, launch: _tiles(*tiles)})
 
     def plan_variant(self, **attrs):
         """A copy of the plan with attributes replaced (e.g. tma=True), routing made."""
@@ -140,25 +136,17 @@ class MoeLaunches:
     def flops(self, names) -> float:
         return sum(self.launches[n].flops for n in names)
 
-    def op_step(self, backend: str, env: dict[str, str] | None = None) -> Callable[[], None]:
-        """moe_mlp forward+backward with ``backend`` on this problem (gradients for all four inputs), with the
-        environment variables ``env`` set during the call (e.g. $MOON_FAST_MOE_SWIGLU_BWD)."""
+    def op_step(self, backend: str) -> Callable[[], None]:
+        """moe_mlp forward+backward with ``backend`` on this problem (gradients for all four inputs). The
+        Triton modes ($MOON_FAST_MOE_SWIGLU_BWD, $MOON_FAST_MOE_TMA) are read at each call: set them around
+        the whole measurement, not inside the step, so that no mode pays for it in host time."""
         from moon_fast.ops import moe_mlp
 
         hidden, idx, weight, gate_up, down, grad = self.problem
         leaves = [x.requires_grad_() for x in (hidden, weight, gate_up, down)]
 
         def step():
-            saved = {name: os.environ.get(name) for name in env or {}}
-            os.environ.update(env or {})
-            try:
-                out = moe_mlp(hidden, idx, weight, gate_up, down, backend=backend)
-                torch.autograd.grad(out, leaves, grad)
-            finally:
-                for name, value in saved.items():
-                    if value is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = value
+            out = moe_mlp(hidden, idx, weight, gate_up, down, backend=backend)
+            torch.autograd.grad(out, leaves, grad)
 
         return step
