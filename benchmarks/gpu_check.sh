@@ -1,29 +1,35 @@
 #!/usr/bin/env bash
-# Everything a lent GPU can check, in one command, in about 8-10 minutes on one H100 / H200:
-#   1. builds moon_fast._C for this GPU's architecture only (the CPU emulator build is skipped),
-#   2. runs the tests that run on CUDA: the MoE backends against the reference (gpu-marked), the Triton
-#      MoE routing / combine kernels and launch counts, the Triton attention tests and the contrastive
-#      tests on the device fixture,
-#   3. counts the MoE op's launches per call (benchmarks/moe_launch_count.py), times the Triton MoE
-#      grouped GEMMs against dense cuBLAS (benchmarks/moe_gpu_gemm.py, issue 4's target; with the SwiGLU
-#      backward fused and split, $MOON_FAST_MOE_SWIGLU_BWD) and the split's parts (moe_gpu_probes.py),
-#   4. runs `moon-fast bench` at GPU sizes (contrastive, attention, moe, train) with what time is left,
-#   5. writes everything under $OUT (default gpu_results/): env.txt, build.log, tests.log, junit.xml,
-#      moe_launch_count.{log,csv,json}, moe_gpu_gemm.{log,csv,json}, moe_gpu_probes.log,
-#      bench/{results.csv,results.json,report.md}, summary.txt.
+# Everything a lent GPU can check, in steps that fit the device tool's 10-minute calls:
+#   build  builds moon_fast._C for this GPU's architecture only (the CPU emulator build is skipped);
+#   peers  builds the grouped_gemm and MegaBlocks peers from the source archives in .peers/ (fetched
+#          beforehand on a machine with the package index: `bash benchmarks/peers.sh fetch`, then carry
+#          ".peers"); skipped without them;
+#   tests  runs the tests that run on CUDA: the MoE backends and peers against the reference (gpu-marked),
+#          the Triton MoE modes, routing / combine kernels and launch counts, the Triton attention tests and
+#          the contrastive tests on the device fixture;
+#   moe    counts the MoE op's launches per call (benchmarks/moe_launch_count.py), times the Triton MoE
+#          grouped GEMMs against dense cuBLAS and the grouped-GEMM peers (benchmarks/moe_gpu_gemm.py, issue
+#          4's target; with the SwiGLU backward fused and split, and TMA loads on Hopper) and the split's
+#          parts (moe_gpu_probes.py);
+#   bench  runs `moon-fast bench` at GPU sizes (contrastive, attention, moe, train) with what time is left.
+# Everything goes under $OUT (default gpu_results/): env.txt, build.log, peers.log, tests.log, junit.xml,
+# moe_launch_count.{log,csv,json}, moe_gpu_gemm.{log,csv,json}, moe_gpu_probes.log,
+# bench/{results.csv,results.json,report.md}, summary.txt (appended to by each call).
 #
-#   bash benchmarks/gpu_check.sh                  # from the repository root
-#   OUT=/tmp/x BENCH_BUDGET=240 bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh                               # all steps, from the repository root
+#   STEPS=build,peers,moe bash benchmarks/gpu_check.sh         # first device call (at most about 10 min)
+#   STEPS=tests,bench TEST_BUDGET=400 bash benchmarks/gpu_check.sh   # second call, on the same warm machine
 #
 # Needs: python with torch (CUDA), triton, transformers, numpy; pytest for the tests and open_clip for
 # its peer rows (if the image lacks them, put their wheels in $WHEELS, default ./wheels, and they are
 # installed offline; without pytest the tests are skipped, without open_clip its rows read "unavailable").
-# Budget (seconds, each step is cut at its limit and the script goes on): BUILD_BUDGET=150 (the build
-# took 106 s on a 16-core H100 machine), TEST_BUDGET=240 (the tests took about 300 s there in all, in two
-# runs: give more to see them all), MOE_BUDGET=90 (50 s there), BENCH_BUDGET=40 (shared equally among
-# the ops; cases still waiting when an op's share is spent are recorded as skipped; give 230 or more for
-# a useful table); the probes get 60 s. Worst case about 11.5 minutes in all: under a 10-minute limit per
-# command, lower TEST_BUDGET or BENCH_BUDGET.
+# Budgets (seconds; each step is cut at its limit and the script goes on): BUILD_BUDGET=150 (the build
+# took 106 s on a 16-core H100 machine), PEERS_BUDGET=200, TEST_BUDGET=240 (the tests took about 300 s
+# there in all: give more to see them all), MOE_BUDGET=90 (50 s there; plus 60 s for the launch count and 60 s
+# for the probes), BENCH_BUDGET=40 (shared equally among the ops; cases still waiting when an op's share is
+# spent are recorded as skipped; give 230 or more for a useful table; the step may take 90 s more). So the
+# first call above takes at most 150 + 200 + 210 = 560 s, the second 400 + 130 = 530 s; all steps at once,
+# about 13 minutes: more than one device call.
 # The benchmark measures all cases in one worker process (--process-per-case no: CUDA peak memory is
 # max_memory_allocated above each case's own baseline, so sharing a process does not change it) to
 # spend the budget on measuring rather than on starting Python; a case that crashes is re-run alone.
@@ -36,6 +42,9 @@ BUILD_BUDGET=${BUILD_BUDGET:-150}
 TEST_BUDGET=${TEST_BUDGET:-240}
 BENCH_BUDGET=${BENCH_BUDGET:-40}
 MOE_BUDGET=${MOE_BUDGET:-90}
+PEERS_BUDGET=${PEERS_BUDGET:-200}
+STEPS=${STEPS:-build,peers,tests,moe,bench}
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 T0=$(date +%s)
 say() { echo "[gpu_check $(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
@@ -53,7 +62,8 @@ unset TRITON_INTERPRET
 import importlib.metadata as md, sys, torch
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
       "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-for d in ("triton", "transformers", "numpy", "pytest", "open_clip_torch", "flash_attn", "megablocks"):
+for d in ("triton", "transformers", "numpy", "pytest", "open_clip_torch", "flash_attn", "megablocks",
+          "grouped_gemm"):
     try: print(d, md.version(d))
     except md.PackageNotFoundError: print(d, "not installed")
 PYEOF
@@ -76,13 +86,18 @@ if [[ -d "$WHEELS" ]]; then
 fi
 
 # ---------------------------------------------------------------- 1. build
-say "building moon_fast._C for sm_$ARCH (budget ${BUILD_BUDGET}s)"
-if [[ $DRY == 1 ]]; then
+say "steps: $STEPS"
+if ! want build; then
+  :
+elif [[ $DRY == 1 ]]; then
   say "dry run: build skipped"
-elif timeout "$BUILD_BUDGET" $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; then
-  say "build ok"
 else
-  say "build FAILED or timed out (rc $?): the cuda backend will read unavailable; see build.log"
+  say "building moon_fast._C for sm_$ARCH (budget ${BUILD_BUDGET}s)"
+  if timeout "$BUILD_BUDGET" $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; then
+    say "build ok"
+  else
+    say "build FAILED or timed out (rc $?): the cuda backend will read unavailable; see build.log"
+  fi
 fi
 # Editable install without building again: the moon_fast.kernels package mapping and the CLI.
 if [[ $DRY != 1 ]]; then
@@ -91,8 +106,21 @@ if [[ $DRY != 1 ]]; then
 fi
 $PY -m moon_fast.cli env > "$OUT/env_moon_fast.txt" 2>&1 || true
 
+# ---------------------------------------------------------------- 1b. peers (grouped_gemm, MegaBlocks)
+if want peers && [[ $DRY != 1 ]]; then
+  if compgen -G ".peers/*.tar.gz" > /dev/null; then
+    say "building the grouped_gemm and MegaBlocks peers from .peers/ (budget ${PEERS_BUDGET}s)"
+    PYTHON=$PY timeout "$PEERS_BUDGET" bash benchmarks/peers.sh build > "$OUT/peers.log" 2>&1
+    say "peers: rc $?; $(tail -n 1 "$OUT/peers.log")"
+  else
+    say "peers: no source archives in .peers/ (bash benchmarks/peers.sh fetch, then carry .peers): skipped"
+  fi
+fi
+
 # ---------------------------------------------------------------- 2. tests on CUDA
-if $PY -c "import pytest" 2>/dev/null; then
+if ! want tests; then
+  :
+elif $PY -c "import pytest" 2>/dev/null; then
   # What runs on the GPU: the gpu-marked tests (MoE backends on CUDA, the contrastive csrc kernels), the
   # Triton attention tests (their device is CUDA when there is one) and the contrastive tests that take
   # the device fixture. Left out: the offline compile checks (CPU-only, Triton-version internals) and the
@@ -110,7 +138,7 @@ else
 fi
 
 # ---------------------------------------------------------------- 3. issue 4's target: Triton grouped GEMM vs dense
-if [[ $DRY != 1 ]]; then
+if want moe && [[ $DRY != 1 ]]; then
   say "MoE launches per call (torch ops, Triton launches, CUDA kernels)"
   timeout 60 $PY benchmarks/moe_launch_count.py --out "$OUT" > "$OUT/moe_launch_count.log" 2>&1
   say "moe_launch_count: rc $?"
@@ -122,6 +150,7 @@ if [[ $DRY != 1 ]]; then
 fi
 
 # ---------------------------------------------------------------- 4. benchmarks at GPU sizes
+if want bench; then
 say "moon-fast bench at GPU sizes (budget ${BENCH_BUDGET}s)"
 timeout $(( BENCH_BUDGET + 90 )) $PY -m moon_fast.cli bench --output "$OUT/bench" --time-budget "$BENCH_BUDGET" \
   --timeout 90 --process-per-case no --warmup 2 --repeats 10 $([[ $DRY == 1 ]] && echo --ops gemm --tiny) \
@@ -129,4 +158,5 @@ timeout $(( BENCH_BUDGET + 90 )) $PY -m moon_fast.cli bench --output "$OUT/bench
 say "bench: rc $?; $(grep -c '' "$OUT/bench/results.csv" 2>/dev/null || echo 0) lines in results.csv"
 [[ -f "$OUT/bench/results.json" ]] && $PY -m moon_fast.cli bench --report "$OUT/bench/results.json" \
   > "$OUT/bench/report.md" 2>> "$OUT/bench.log"
+fi
 say "done in $(( $(date +%s) - T0 ))s; files under $OUT"

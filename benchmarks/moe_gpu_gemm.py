@@ -12,8 +12,13 @@ For each shape (S = T * k routed rows through H -> 2I -> H, E experts, top-k rou
   the whole op in that mode: which of the two modes should be the default is measured here.
 - ``*_tma`` (16-bit, on a GPU with TMA): the same with the plain-tile operands loaded through TMA
   descriptors (``$MOON_FAST_MOE_TMA=1``), against the pointer loads of the rows above.
+- ``torch_gmm_fwd`` / ``_bwd``, ``grouped_gemm_fwd`` / ``_bwd``: the same products as other libraries'
+  grouped GEMMs (moe_gpu_launches ``peer_products``: torch's grouped_mm, the grouped_gemm package), on
+  operands gathered beforehand: the grouped-GEMM peers of the Triton rows. A peer that cannot run here
+  (package missing, dtype) gets a row with ``skipped`` saying why.
 - ``dense_fwdbwd`` and the whole op, forward+backward, per backend (``triton``, ``cuda``, ``torch``,
-  ``grouped_mm``), routing included.
+  ``grouped_mm``, and the peers ``grouped_gemm`` and ``megablocks``: ``bash benchmarks/peers.sh``), routing
+  included.
 Each time is the median of ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls).
 "% of dense" = dense time / our time (the issue asks >= 80% for the grouped GEMM).
 
@@ -28,7 +33,7 @@ import sys
 from unittest import mock
 
 import torch
-from moe_gpu_launches import BACKWARD, BACKWARD_SPLIT, FORWARD, MoeLaunches, device_ms
+from moe_gpu_launches import BACKWARD, BACKWARD_SPLIT, FORWARD, PEERS, MoeLaunches, device_ms
 
 from moon_fast.bench.harness import machine_info, write_rows
 
@@ -38,6 +43,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, backends: list[str],
                   dev: str = "cuda") -> list[dict]:
     from moon_fast.kernels.moe import _device_has_tma
+
+    from moon_fast.ops.moe import BACKENDS
 
     m = MoeLaunches(t, h, i, e, k, dtype, dev)
     fwd_flops, bwd_flops = m.flops(FORWARD), m.flops(BACKWARD)
@@ -53,6 +60,10 @@ def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, ba
               + (f"  {row['pct_of_dense']:5.1f}% of dense" if baseline is not None else ""), flush=True)
         return ms
 
+    def skip(name, reason):
+        rows.append({**m.shape, "what": name, "skipped": reason})
+        print(f"{m.shape['dtype']} T={t} E={e}: {name:18s} skipped: {reason}", flush=True)
+
     base_f = record("dense_fwd", lambda: m.dense(FORWARD), fwd_flops)
     record("triton_fwd", lambda: m.run(FORWARD), fwd_flops, base_f)
     base_b = record("dense_bwd", lambda: m.dense(BACKWARD), bwd_flops)
@@ -64,6 +75,15 @@ def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, ba
         record("triton_fwd_tma", lambda: m.run(FORWARD, tma_plan), fwd_flops, base_f)
         record("triton_bwd_tma", lambda: m.run(BACKWARD, tma_plan), bwd_flops, base_b)
         record("triton_bwd_split_tma", lambda: m.run(BACKWARD_SPLIT, tma_plan), bwd_flops, base_b)
+    for peer in PEERS:
+        try:
+            products = m.peer_products(peer)
+        except RuntimeError as exc:
+            skip(f"{peer}_fwd", str(exc))
+            skip(f"{peer}_bwd", str(exc))
+            continue
+        record(f"{peer}_fwd", lambda p=products: [p[n]() for n in FORWARD], fwd_flops, base_f)
+        record(f"{peer}_bwd", lambda p=products: [p[n]() for n in BACKWARD], bwd_flops, base_b)
     base = record("dense_fwdbwd", lambda: m.dense(FORWARD + BACKWARD), fwd_flops + bwd_flops)
     # (name, backend, environment for the whole measurement of that row)
     ops = [(f"op_{b}", b, {}) for b in backends]
@@ -72,6 +92,10 @@ def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, ba
         ops += [("op_triton_split", "triton", split)]
         ops += [("op_triton_tma", "triton", on), ("op_triton_split_tma", "triton", {**on, **split})] * tma
     for name, backend, env in ops:
+        reason = BACKENDS.why_unavailable(backend, dev)
+        if reason:
+            skip(name, reason)
+            continue
         op = m.op_step(backend)
         with mock.patch.dict(os.environ, env):
             try:
@@ -90,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
     p.add_argument("--shapes", default="4096x8,16384x8,4096x32,16384x64",
                    help="TxE list at H=I=1024, k=2")
-    p.add_argument("--backends", default="triton,cuda,torch,grouped_mm")
+    p.add_argument("--backends", default="triton,cuda,torch,grouped_mm,grouped_gemm,megablocks")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("moe_gpu_gemm: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)

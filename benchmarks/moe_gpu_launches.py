@@ -12,6 +12,12 @@ and ``dh``: dh_swiglu split in two (``$MOON_FAST_MOE_SWIGLU_BWD=split``), the pl
 and the elementwise SwiGLU backward (kernels/moe_swiglu.py); dense: that of dh_swiglu.
 The forward launches take the weights in the layouts the op's forward uses (kernels/moe.py
 ``_forward_weights``: an N-contiguous copy in fp32), made beforehand, as routing is.
+
+``peer_products(peer)``: the same six products as another library's grouped GEMMs, on operands gathered
+into expert-contiguous rows beforehand (the plain GEMMs: no gather, SwiGLU, weighting or scatter, which our
+launches fuse): ``torch_gmm`` = torch.nn.functional.grouped_mm (on CUDA its kernel is bf16-only; other dtypes
+take moe_gemm's per-expert loop, as the ``torch`` backend does), ``grouped_gemm`` = the grouped_gemm
+package (bf16 only; per-expert cuBLAS from host-side group sizes unless built with GROUPED_GEMM_CUTLASS=1).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from moon_fast.bench.moe import make_problem  # noqa: E402
 FORWARD = ("swiglu_up", "down_fwd")
 BACKWARD = ("dh_swiglu", "wgrad_down", "wgrad_gate_up", "dx")
 BACKWARD_SPLIT = ("dh",) + BACKWARD[1:]  # the backward with the SwiGLU backward split out of the dh GEMM
+PEERS = ("torch_gmm", "grouped_gemm")
 
 
 def device_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 200) -> float:
@@ -86,7 +93,7 @@ class MoeLaunches:
         w_up, w_down = _forward_weights(gate_up, down)
         h_act, gu = swiglu_up(self.plan, hidden, w_up, store_gu=True)
         _, dgu = grouped_rows(self.plan, "dh_swiglu", grad, down, i, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
-        self.saved = {"w_sorted": w_sorted, "gu": gu}
+        self.saved = {"w_sorted": w_sorted, "gu": gu, "h": h_act, "dgu": dgu}
         s = t * k
         rnd = lambda *shape: torch.randn(*shape, dtype=dtype, device=dev)  # noqa: E731
         x, a1, d1, d2, w1, w2 = rnd(s, h), rnd(s, i), rnd(s, 2 * i), rnd(s, h), rnd(h, 2 * i), rnd(i, h)
@@ -108,6 +115,39 @@ class MoeLaunches:
                                                                 a_scale=w_sorted), gu),
                          lambda: d2 @ w2.t(), 2 * s * h * i),
         }
+
+    def peer_products(self, peer: str) -> dict[str, Callable[[], object]]:
+        """FORWARD + BACKWARD's products as ``peer``'s grouped GEMMs (see the module docstring), or raises
+        RuntimeError saying why that peer cannot run here."""
+        from moon_fast.ops.moe_gemm import gmm, gmm_wgrad
+
+        hidden, _, _, gate_up, down, grad = self.problem
+        routing = self.plan.routing  # the rows of h and dgu are in its order
+        xs = hidden.index_select(0, routing.token)
+        dys = grad.index_select(0, routing.token) * self.saved["w_sorted"][:, None]
+        h, dgu = self.saved["h"], self.saved["dgu"]
+        if peer == "torch_gmm":
+            return {"swiglu_up": lambda: gmm(xs, gate_up.transpose(1, 2), routing),
+                    "down_fwd": lambda: gmm(h, down.transpose(1, 2), routing),
+                    "dh_swiglu": lambda: gmm(dys, down, routing),
+                    "wgrad_down": lambda: gmm_wgrad(dys, h, routing),
+                    "wgrad_gate_up": lambda: gmm_wgrad(dgu, xs, routing),
+                    "dx": lambda: gmm(dgu, gate_up, routing)}
+        if peer != "grouped_gemm":
+            raise ValueError(f"unknown peer {peer!r}: one of {PEERS}")
+        if self.dtype != torch.bfloat16:
+            raise RuntimeError("grouped_gemm runs bf16 only")
+        try:
+            from grouped_gemm.backend import gmm as gg
+        except ImportError as exc:
+            raise RuntimeError(f"grouped_gemm is not installed ({exc}): bash benchmarks/peers.sh") from exc
+        sizes = routing.counts().cpu()  # its cuBLAS path takes the group sizes on the host
+        return {"swiglu_up": lambda: gg(xs, gate_up, sizes, trans_b=True),
+                "down_fwd": lambda: gg(h, down, sizes, trans_b=True),
+                "dh_swiglu": lambda: gg(dys, down, sizes),
+                "wgrad_down": lambda: gg(dys, h, sizes, trans_a=True),
+                "wgrad_gate_up": lambda: gg(dgu, xs, sizes, trans_a=True),
+                "dx": lambda: gg(dgu, gate_up, sizes)}
 
     def plan_with(self, launch: str, tiles: tuple[int, int, int, int, int]):
         """A plan whose ``launch`` uses ``tiles`` (BM, BN, BK, num_warps, num_stages), routing made."""

@@ -19,14 +19,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def test_moe_gpu_gemm_rows(dtype):
     import moe_gpu_gemm
 
-    rows = moe_gpu_gemm.measure_shape(40, 32, 32, 3, 2, dtype, ["triton", "torch"], dev="cpu")
+    rows = moe_gpu_gemm.measure_shape(40, 32, 32, 3, 2, dtype, ["triton", "torch", "grouped_gemm"], dev="cpu")
     # TMA rows in 16-bit: the interpreter runs descriptor loads (on a GPU: only where it has TMA)
     tma = dtype != torch.float32
     assert [r["what"] for r in rows] == (
         ["dense_fwd", "triton_fwd", "dense_bwd", "triton_bwd", "triton_bwd_split"]
         + ["triton_fwd_tma", "triton_bwd_tma", "triton_bwd_split_tma"] * tma
-        + ["dense_fwdbwd", "op_triton", "op_torch", "op_triton_split"] + ["op_triton_tma", "op_triton_split_tma"] * tma)
-    assert all("error" not in r and math.isnan(r["ms"]) for r in rows)  # no GPU: no timing, no error
+        + ["torch_gmm_fwd", "torch_gmm_bwd", "grouped_gemm_fwd", "grouped_gemm_bwd"]
+        + ["dense_fwdbwd", "op_triton", "op_torch", "op_grouped_gemm", "op_triton_split"]
+        + ["op_triton_tma", "op_triton_split_tma"] * tma)
+    skipped = {r["what"]: r["skipped"] for r in rows if "skipped" in r}
+    # the grouped_gemm peer needs its package (and bf16) and a GPU; it says so instead of failing
+    assert set(skipped) == {"grouped_gemm_fwd", "grouped_gemm_bwd", "op_grouped_gemm"}, skipped
+    assert all(reason for reason in skipped.values())
+    assert all("error" not in r and math.isnan(r["ms"]) for r in rows if "skipped" not in r)  # no GPU: no timing
 
 
 @pytest.mark.parametrize("dtype, tma", [(torch.float32, False), (torch.bfloat16, True)], ids=str)
@@ -55,6 +61,13 @@ def test_launches_compute_the_op():
     # the split dh launch (plain GEMM + elementwise pass) gives what the fused one gives
     for got, want in zip(m.launches["dh"].run(m.plan), m.launches["dh_swiglu"].run(m.plan)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # the peers' plain grouped GEMMs compute the same products as our launches
+    peer = m.peer_products("torch_gmm")
+    torch.testing.assert_close(peer["swiglu_up"](), m.launches["swiglu_up"].run(m.plan)[1], rtol=1e-4, atol=1e-5)
+    for name in ("wgrad_down", "wgrad_gate_up"):
+        torch.testing.assert_close(peer[name](), m.launches[name].run(m.plan), rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="bf16"):
+        m.peer_products("grouped_gemm")
 
 
 def test_probes_run():

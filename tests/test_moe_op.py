@@ -262,12 +262,13 @@ GPU_CASES = CASES + [
     ("gpu_unaligned", 333, 200, 72, 5, 3, "random"),
 ]
 GPU_BACKENDS = ["torch", "grouped_mm", "triton", "cuda", "grouped_gemm", "megablocks"]
+BF16_ONLY_PEERS = ("grouped_gemm", "megablocks")  # the grouped_gemm package's kernels take bfloat16 only
+GPU_BACKEND_DTYPES = [(b, d) for b in GPU_BACKENDS for d in DTYPES if b not in BF16_ONLY_PEERS or d == torch.bfloat16]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend, dtype", GPU_BACKEND_DTYPES, ids=[f"{b}-{d}" for b, d in GPU_BACKEND_DTYPES])
 def test_backend_matches_reference_on_cuda(backend, case, dtype):
     """The GPU kernels (Triton tiles, csrc routing/permute, cuBLAS / grouped_mm GEMMs) against the
     reference run on the same GPU, with the fp32 reference as the oracle; the peers skip when their package
@@ -283,6 +284,19 @@ def test_backend_matches_reference_on_cuda(backend, case, dtype):
     ref_lp = run("reference", tensors, idx, grad_out, dtype)
     got = run(backend, tensors, idx, grad_out, dtype)
     check_against_fp32_oracle(got, ref_lp, ref32, dtype)
+
+
+@pytest.mark.parametrize("backend", BF16_ONLY_PEERS)
+def test_bf16_only_peers_reject_other_dtypes(backend):
+    """The peers on the grouped_gemm package say which dtype they take (its kernels would fail a bare
+    TORCH_CHECK); the dtype is checked before the package is imported, so this runs anywhere."""
+    from moon_fast.ops import moe_peers
+
+    tensors, idx, _ = make_inputs(5, 16, 8, 3, 2, "random", torch.float32, seed=0)
+    hidden, weight, gate_up, down = tensors
+    fn = {"grouped_gemm": moe_peers.moe_mlp_grouped_gemm, "megablocks": moe_peers.moe_mlp_megablocks}[backend]
+    with pytest.raises(TypeError, match=f"{backend}.*bfloat16 only.*float32"):
+        fn(hidden, idx, weight, gate_up, down)
 
 
 TRITON_MODES = {"split": {"MOON_FAST_MOE_SWIGLU_BWD": "split"}, "tma": {"MOON_FAST_MOE_TMA": "1"},

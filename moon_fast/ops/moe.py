@@ -230,8 +230,11 @@ def _cpu(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
     return moe_mlp_cpu(hidden, expert_idx, expert_weight, gate_up_proj, down_proj)
 
 
-@BACKENDS.register("grouped_gemm", unavailable=package_unavailable("grouped_gemm", "pip install grouped_gemm (needs a CUDA "
-                   "build environment)", needs_cuda=True), description="peer: grouped_gemm's CUTLASS gmm")
+_PEER_INSTALL = "bash benchmarks/peers.sh fetch, then build on the GPU machine (it needs a CUDA toolkit)"
+
+
+@BACKENDS.register("grouped_gemm", unavailable=package_unavailable("grouped_gemm", _PEER_INSTALL, needs_cuda=True),
+                   description="peer: grouped_gemm's gmm (per-expert cuBLAS; CUTLASS if built so), bf16 only")
 def _grouped_gemm(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
     from moon_fast.ops.moe_peers import moe_mlp_grouped_gemm
 
@@ -239,12 +242,12 @@ def _grouped_gemm(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
 
 
 def _megablocks_unavailable(device: torch.device) -> str | None:
-    return (package_unavailable("megablocks", "pip install megablocks (needs a GPU)", needs_cuda=True)(device)
-            or package_unavailable("grouped_gemm", "pip install grouped_gemm", needs_cuda=True)(device))
+    return (package_unavailable("megablocks", _PEER_INSTALL, needs_cuda=True)(device)
+            or package_unavailable("grouped_gemm", _PEER_INSTALL, needs_cuda=True)(device))
 
 
 @BACKENDS.register("megablocks", unavailable=_megablocks_unavailable,
-                   description="peer: MegaBlocks dropless gather/scatter + grouped_gemm")
+                   description="peer: MegaBlocks dropless gather/scatter + grouped_gemm, bf16 only")
 def _megablocks(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
     from moon_fast.ops.moe_peers import moe_mlp_megablocks
 

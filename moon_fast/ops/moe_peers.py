@@ -6,7 +6,8 @@
   with grouped_gemm for the GEMMs, as its ``GroupedGLU`` does.
 
 Both keep our weight layout: ``gmm(x, gate_up_proj, trans_b=True)`` gives (S, 2I) gate-then-up.
-Neither package installs without a GPU toolchain, so these were not run on the development machine.
+Both run bf16 only (grouped_gemm's kernels). Both packages build on the development machine
+(``bash benchmarks/peers.sh``) but run only on a GPU; these wrappers have not run yet.
 """
 
 from __future__ import annotations
@@ -17,12 +18,21 @@ import torch.nn.functional as F
 from moon_fast.ops.moe_routing import route
 
 
+def _require_bf16(backend: str, *tensors: torch.Tensor) -> None:
+    """The grouped_gemm package's kernels take bfloat16 only (a bare TORCH_CHECK otherwise)."""
+    bad = sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.dtype != torch.bfloat16})
+    if bad:
+        raise TypeError(f"moe_mlp backend {backend!r} runs bfloat16 only (the grouped_gemm package's kernels); "
+                        f"got {', '.join(bad)}. Cast to bfloat16, or use backend='triton' or 'cuda'.")
+
+
 def _swiglu(gu: torch.Tensor) -> torch.Tensor:
     inter = gu.shape[1] // 2
     return F.silu(gu[:, :inter]) * gu[:, inter:]
 
 
 def moe_mlp_grouped_gemm(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
+    _require_bf16("grouped_gemm", hidden, gate_up_proj, down_proj)
     from grouped_gemm.ops import gmm
 
     t, k = expert_idx.shape
@@ -36,6 +46,7 @@ def moe_mlp_grouped_gemm(hidden, expert_idx, expert_weight, gate_up_proj, down_p
 
 
 def moe_mlp_megablocks(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
+    _require_bf16("megablocks", hidden, gate_up_proj, down_proj)
     from grouped_gemm.ops import gmm
     from megablocks import ops
 
