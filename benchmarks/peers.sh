@@ -3,8 +3,9 @@
 # GEMM) and MegaBlocks (its dropless sort / histogram / gather / scatter, with grouped_gemm for the GEMMs),
 # plus stanford-stk, which MegaBlocks imports. The lent GPU machine cannot reach the package index, so:
 #
-#   bash benchmarks/peers.sh fetch     # here, with the index: the three source archives into .peers/ (ignored
-#                                      # by git; about 1 MB), then carry ".peers" to the GPU machine
+#   bash benchmarks/peers.sh fetch     # where the index is reachable (make test does it): the three source
+#                                      # archives into .peers/ (ignored by git; about 1 MB); then carry
+#                                      # ".peers" to the GPU machine
 #   bash benchmarks/peers.sh build     # there: builds and installs them for this GPU (gpu_check.sh runs this
 #                                      # when .peers/ is present)
 #

@@ -7,7 +7,9 @@
 
 Both keep our weight layout: ``gmm(x, gate_up_proj, trans_b=True)`` gives (S, 2I) gate-then-up.
 Both run bf16 only (grouped_gemm's kernels). Both packages build on the development machine
-(``bash benchmarks/peers.sh``) but run only on a GPU; these wrappers have not run yet.
+(``bash benchmarks/peers.sh``) but their kernels run only on a GPU, where they have not run yet. On the CPU,
+tests/test_moe_peers_cpu.py runs these wrappers with the packages' own Python (MegaBlocks' Triton gather /
+scatter under the interpreter) and torch stand-ins for their CUDA extensions, against the reference.
 """
 
 from __future__ import annotations
