@@ -131,3 +131,17 @@ def test_peer_matches_reference(peers, backend, case):
     for name, got, want in zip(("hidden", "expert_weight", "gate_up_proj", "down_proj"),
                                torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, ref_leaves, grad)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"d {n}: {m}")
+
+
+def test_grouped_gemm_benchmark_products_match_torch(peers, monkeypatch):
+    """benchmarks/moe_gpu_gemm.py's grouped_gemm rows compute the same six products as its torch grouped_mm rows
+    (which tests/test_moe_gpu_scripts.py checks against our Triton launches): the package's calling
+    conventions (trans_a / trans_b, host-side group sizes) are used right."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from moe_gpu_launches import BACKWARD, FORWARD, MoeLaunches
+
+    m = MoeLaunches(24, 32, 16, 3, 2, torch.bfloat16, "cpu")
+    ours, theirs = m.peer_products("torch_gmm"), m.peer_products("grouped_gemm")
+    for name in FORWARD + BACKWARD:
+        torch.testing.assert_close(theirs[name]().float(), ours[name]().float(), rtol=2e-2, atol=2e-2,
+                                   msg=lambda msg, n=name: f"{n}: {msg}")
