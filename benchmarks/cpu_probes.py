@@ -5,6 +5,7 @@
     python benchmarks/cpu_probes.py moe-profile [--dtype bf16] [--backend torch]   # torch.profiler table of moe_mlp
     python benchmarks/cpu_probes.py gemm-layouts [--dtype bf16]  # GEMM shapes / layouts / thread counts of the MoE
     python benchmarks/cpu_probes.py small-experts                # bf16 per-expert GEMM calls: where small ones lose
+    python benchmarks/cpu_probes.py torch-floor                  # the least time any torch-GEMM MoE step can take
 
 * gemm-drift: the median time of a (1024 x 1024) @ (1024 x 1024) bf16 matmul in each of several fresh
   processes. Why ``moon-fast bench --interleave`` exists: the same call differs between processes.
@@ -19,6 +20,12 @@
   into E calls of M rows, at E x M = 8192 rows (same FLOPs): with E distinct weights, with one weight E
   times, with weights packed beforehand by oneDNN (``torch.ops.mkldnn._linear_pointwise``), and as one call.
   The packing itself is timed too. 7 interleaved rounds, medians.
+* torch-floor: whether the ``torch`` backend can reach issue 4's bf16 CPU target (1.25x ``dense_gemm``) at the
+  headline shape. Interleaved (9 rounds, medians, huge pages on as ``moon-fast`` sets them): ``dense_gemm``,
+  ``grouped_gemm_floor`` (the six grouped GEMMs the ``torch`` backend runs, nothing else), the ``torch``
+  backend, and a plain bf16 copy of (8192 x 1024), this machine's memory bandwidth for a pass. The floor adds
+  to the grouped GEMMs the least memory traffic the work around them needs (``TORCH_DISPATCH_MIB``: each
+  tensor read or written once, every pass fused) at the copy's bandwidth.
 * moe-profile: per-op CPU time of two forward+backward steps of ``moe_mlp`` (``--backend`` torch or cpu) at the
   benchmark's headline shape (T=4096, H=I=1024, E=8, k=2).
 """
@@ -83,9 +90,9 @@ def moe_profile(dtype: str, backend: str) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
-def _print_interleaved_medians(cases: dict, rounds: int) -> None:
+def _print_interleaved_medians(cases: dict, rounds: int) -> dict:
     """Runs every case once per round, in turn (so each comparison is between calls made seconds apart),
-    and prints each case's median time."""
+    and prints each case's median time; returns {case: median seconds}."""
     import statistics
     import time
 
@@ -97,6 +104,41 @@ def _print_interleaved_medians(cases: dict, rounds: int) -> None:
             times[name].append(time.perf_counter() - t0)
     for name, ts in times.items():
         print(f"  {statistics.median(ts) * 1e3:7.2f} ms  {name}")
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# MiB of memory traffic around the grouped GEMMs of one bf16 forward+backward at T=4096, H=I=1024, k=2
+# (S = 8192 slots; 1 MiB = one (512 x 1024) bf16 tensor), each tensor read or written once:
+#   forward:  gather hidden -> xs 8 + 16; SwiGLU gu -> h 32 + 16; unpermute + combine y -> out 16 + 8
+#   backward: gather + weight dout -> dy 8 + 16; SwiGLU backward dh, gu -> dgu, h 16 + 32 + 32 + 16;
+#             unpermute + sum dx 16 + 8; routing-weight gradient y, dout 16 + 8
+# (xs saved, not gathered again; routing and the k-sized tensors left out.)
+TORCH_DISPATCH_MIB = (8 + 16) + (32 + 16) + (16 + 8) + (8 + 16) + (16 + 32 + 32 + 16) + (16 + 8) + (16 + 8)
+
+
+def torch_floor() -> None:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as moon-fast sets it (before torch allocates)
+    import torch
+
+    from moon_fast.bench import moe
+
+    shape = {"T": 4096, "H": 1024, "I": 1024, "E": 8, "k": 2}
+    work = {b: moe.build(backend=b, dtype=torch.bfloat16, device=torch.device("cpu"), **shape)
+            for b in ("dense_gemm", "grouped_gemm_floor", "torch")}
+    src, dst = torch.randn(8192, 1024, dtype=torch.bfloat16), torch.empty(8192, 1024, dtype=torch.bfloat16)
+    cases = {b: w.step for b, w in work.items()}
+    cases["copy (8192 x 1024) bf16"] = lambda: dst.copy_(src)
+    print(f"bf16 moe_mlp forward+backward, {shape}, {torch.get_num_threads()} threads, median of 9 interleaved rounds:")
+    med = _print_interleaved_medians(cases, rounds=9)
+    bandwidth = 2 * 16 / med["copy (8192 x 1024) bf16"]  # MiB/s: 16 MiB read + 16 MiB written
+    dispatch = TORCH_DISPATCH_MIB / bandwidth
+    floor = med["grouped_gemm_floor"] + dispatch
+    dense = med["dense_gemm"]
+    print(f"copy bandwidth {bandwidth / 1024:.1f} GiB/s; {TORCH_DISPATCH_MIB} MiB of dispatch traffic take at least "
+          f"{dispatch * 1e3:.1f} ms")
+    print(f"grouped GEMMs / dense_gemm {med['grouped_gemm_floor'] / dense:.2f}x; floor (grouped GEMMs + least "
+          f"traffic) / dense_gemm {floor / dense:.2f}x; torch backend / dense_gemm {med['torch'] / dense:.2f}x; "
+          f"target 1.25x")
 
 
 def gemm_layouts(dtype: str) -> None:
@@ -184,6 +226,7 @@ def main() -> None:
     profile_args.add_argument("--backend", default="torch", choices=("torch", "cpu"))
     sub.add_parser("gemm-layouts").add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
     sub.add_parser("small-experts")
+    sub.add_parser("torch-floor")
     args = parser.parse_args()
     if args.probe == "gemm-drift":
         gemm_drift(args.processes)
@@ -193,6 +236,8 @@ def main() -> None:
         gemm_layouts(args.dtype)
     elif args.probe == "small-experts":
         small_experts()
+    elif args.probe == "torch-floor":
+        torch_floor()
     else:
         moe_profile(args.dtype, args.backend)
 

@@ -13,7 +13,7 @@
 # their code does not need. Two things the source archives do not do on CUDA 13, patched here:
 #   - megablocks' csrc/cumsum.h passes CUB's `debug_synchronous` argument, which CUB (CCCL 3, CUDA 13)
 #     removed: "no instance of overloaded function DeviceScan::ExclusiveSum" (the call is otherwise the same);
-#   - grouped_gemm's setup.py compiles with nvcc -std=c++17; torch's headers (2.10 and later) require C++20
+#   - grouped_gemm's setup.py compiles with nvcc -std=c++17; recent torch headers (2.14.1 here) require C++20
 #     ("#error C++20 or later compatible compiler is required to use PyTorch"): -std=c++20;
 #   - without TORCH_CUDA_ARCH_LIST, both setup.py files ask the GPU for its architecture, which fails on a
 #     machine without one: set it (gpu_check.sh sets it to the GPU's).
