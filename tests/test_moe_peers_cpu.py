@@ -56,7 +56,9 @@ def _fake_grouped_gemm_backend() -> types.ModuleType:
     mod = types.ModuleType("grouped_gemm_backend")
 
     def gmm(a, b, c, batch_sizes, trans_a, trans_b):
-        assert batch_sizes.device.type == "cpu" and batch_sizes.dtype == torch.int64  # the package's own checks
+        # the package's own checks (TORCH_CHECKs in csrc/grouped_gemm.cu)
+        assert batch_sizes.device.type == "cpu" and batch_sizes.dtype == torch.int64
+        assert a.is_contiguous() and b.is_contiguous() and c.is_contiguous()
         lo = 0
         for e, n in enumerate(batch_sizes.tolist()):
             if trans_a:  # a (S, M), b (S, N) -> c (E, M, N)
@@ -123,6 +125,9 @@ def test_peer_matches_reference(peers, backend, case):
     t, h, i, e, k, routing = case
     tensors, idx, grad = make_inputs(t, h, i, e, k, routing, torch.float32, seed=t * 10 + k)
     fn = {"megablocks": moe_peers.moe_mlp_megablocks, "grouped_gemm": moe_peers.moe_mlp_grouped_gemm}[backend]
+    if routing == "all_one":  # weights given as transposed views (moe_mlp takes any strides)
+        tensors[2] = tensors[2].transpose(1, 2).contiguous().transpose(1, 2)
+        tensors[3] = tensors[3].transpose(1, 2).contiguous().transpose(1, 2)
     leaves = [x.clone().requires_grad_() for x in tensors]
     ref_leaves = [x.clone().requires_grad_() for x in tensors]
     out = fn(leaves[0], idx, leaves[1], leaves[2], leaves[3])

@@ -33,9 +33,17 @@ def _swiglu(gu: torch.Tensor) -> torch.Tensor:
     return F.silu(gu[:, :inter]) * gu[:, inter:]
 
 
+def _contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Both packages' kernels check for contiguous operands (a bare TORCH_CHECK / assert); moe_mlp takes any
+    strides. A no-op for the usual contiguous weights."""
+    return [t.contiguous() for t in tensors]
+
+
 def moe_mlp_grouped_gemm(hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
     _require_bf16("grouped_gemm", hidden, gate_up_proj, down_proj)
     from grouped_gemm.ops import gmm
+
+    hidden, gate_up_proj, down_proj = _contiguous(hidden, gate_up_proj, down_proj)
 
     t, k = expert_idx.shape
     routing = route(expert_idx, gate_up_proj.shape[0])
@@ -52,6 +60,7 @@ def moe_mlp_megablocks(hidden, expert_idx, expert_weight, gate_up_proj, down_pro
     from grouped_gemm.ops import gmm
     from megablocks import ops
 
+    hidden, expert_weight, gate_up_proj, down_proj = _contiguous(hidden, expert_weight, gate_up_proj, down_proj)
     num_experts = gate_up_proj.shape[0]
     top_k = expert_idx.shape[1]
     flat = expert_idx.reshape(-1).int()
