@@ -16,20 +16,24 @@
 # moe_launch_count.{log,csv,json}, moe_gpu_gemm.{log,csv,json}, moe_gpu_probes.log,
 # bench/{results.csv,results.json,report.md}, summary.txt (appended to by each call).
 #
-#   bash benchmarks/gpu_check.sh                               # all steps, from the repository root
-#   STEPS=build,peers,moe bash benchmarks/gpu_check.sh         # first device call (at most about 10 min)
-#   STEPS=tests,bench TEST_BUDGET=400 bash benchmarks/gpu_check.sh   # second call, on the same warm machine
+#   bash benchmarks/gpu_check.sh                                # all steps, from the repository root
+# Under the device tool's 10-minute calls, on the same warm machine (what a call built and installed stays
+# there while the machine is held; it goes back after about 30 s idle, so make the next call at once):
+#   STEPS=build,moe bash benchmarks/gpu_check.sh                    # 1: issue 4's target, modes A/B (<= 510 s)
+#   STEPS=peers,tests TEST_BUDGET=380 bash benchmarks/gpu_check.sh  # 2: correctness, peers included (<= 580 s)
+#   STEPS=bench BENCH_BUDGET=240 bash benchmarks/gpu_check.sh; \
+#     python benchmarks/moe_gpu_gemm.py --dtypes bf16 --shapes 16384x8 --out "$OUT"  # 3: peers' rows (<= 10 min)
 #
 # Needs: python with torch (CUDA), triton, transformers, numpy; pytest for the tests and open_clip for
 # its peer rows (if the image lacks them, put their wheels in $WHEELS, default ./wheels, and they are
 # installed offline; without pytest the tests are skipped, without open_clip its rows read "unavailable").
 # Budgets (seconds; each step is cut at its limit and the script goes on): BUILD_BUDGET=150 (the build
 # took 106 s on a 16-core H100 machine), PEERS_BUDGET=200, TEST_BUDGET=240 (the tests took about 300 s
-# there in all: give more to see them all), MOE_BUDGET=90 (50 s there; plus 60 s for the launch count and 60 s
-# for the probes), BENCH_BUDGET=40 (shared equally among the ops; cases still waiting when an op's share is
-# spent are recorded as skipped; give 230 or more for a useful table; the step may take 90 s more). So the
-# first call above takes at most 150 + 200 + 210 = 560 s, the second 400 + 130 = 530 s; all steps at once,
-# about 13 minutes: more than one device call.
+# there in all: give more to see them all), MOE_BUDGET=240 (50 s there for the 9 rows per shape then; up to
+# 22 now, with the split, TMA and peer rows; plus 60 s for the launch count and 60 s for the probes;
+# moe_gpu_gemm.py saves its rows after each shape, bf16 first), BENCH_BUDGET=40 (shared equally among the
+# ops; cases still waiting when an op's share is spent are recorded as skipped; give 230 or more for a useful
+# table; the step may take 90 s more). All steps at once take up to about 18 minutes.
 # The benchmark measures all cases in one worker process (--process-per-case no: CUDA peak memory is
 # max_memory_allocated above each case's own baseline, so sharing a process does not change it) to
 # spend the budget on measuring rather than on starting Python; a case that crashes is re-run alone.
@@ -41,7 +45,7 @@ WHEELS=${WHEELS:-wheels}
 BUILD_BUDGET=${BUILD_BUDGET:-150}
 TEST_BUDGET=${TEST_BUDGET:-240}
 BENCH_BUDGET=${BENCH_BUDGET:-40}
-MOE_BUDGET=${MOE_BUDGET:-90}
+MOE_BUDGET=${MOE_BUDGET:-240}
 PEERS_BUDGET=${PEERS_BUDGET:-200}
 STEPS=${STEPS:-build,peers,tests,moe,bench}
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
