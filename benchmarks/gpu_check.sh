@@ -22,7 +22,7 @@
 #   STEPS=build,moe bash benchmarks/gpu_check.sh                    # 1: issue 4's target, modes A/B (<= 510 s)
 #   STEPS=peers,tests TEST_BUDGET=380 bash benchmarks/gpu_check.sh  # 2: correctness, peers included (<= 580 s)
 #   STEPS=bench BENCH_BUDGET=240 bash benchmarks/gpu_check.sh; \
-#     python benchmarks/moe_gpu_gemm.py --dtypes bf16 --shapes 16384x8 --out "$OUT"  # 3: peers' rows (<= 10 min)
+#     python benchmarks/moe_gpu_gemm.py --dtypes bf16 --shapes 16384x8 --out "$OUT/peers"  # 3: peers' rows
 #
 # Needs: python with torch (CUDA), triton, transformers, numpy; pytest for the tests and open_clip for
 # its peer rows (if the image lacks them, put their wheels in $WHEELS, default ./wheels, and they are
@@ -155,12 +155,12 @@ fi
 
 # ---------------------------------------------------------------- 4. benchmarks at GPU sizes
 if want bench; then
-say "moon-fast bench at GPU sizes (budget ${BENCH_BUDGET}s)"
-timeout $(( BENCH_BUDGET + 90 )) $PY -m moon_fast.cli bench --output "$OUT/bench" --time-budget "$BENCH_BUDGET" \
-  --timeout 90 --process-per-case no --warmup 2 --repeats 10 $([[ $DRY == 1 ]] && echo --ops gemm --tiny) \
-  > "$OUT/bench.log" 2>&1
-say "bench: rc $?; $(grep -c '' "$OUT/bench/results.csv" 2>/dev/null || echo 0) lines in results.csv"
-[[ -f "$OUT/bench/results.json" ]] && $PY -m moon_fast.cli bench --report "$OUT/bench/results.json" \
-  > "$OUT/bench/report.md" 2>> "$OUT/bench.log"
+  say "moon-fast bench at GPU sizes (budget ${BENCH_BUDGET}s)"
+  timeout $(( BENCH_BUDGET + 90 )) $PY -m moon_fast.cli bench --output "$OUT/bench" --time-budget "$BENCH_BUDGET" \
+    --timeout 90 --process-per-case no --warmup 2 --repeats 10 $([[ $DRY == 1 ]] && echo --ops gemm --tiny) \
+    > "$OUT/bench.log" 2>&1
+  say "bench: rc $?; $(grep -c '' "$OUT/bench/results.csv" 2>/dev/null || echo 0) lines in results.csv"
+  [[ -f "$OUT/bench/results.json" ]] && $PY -m moon_fast.cli bench --report "$OUT/bench/results.json" \
+    > "$OUT/bench/report.md" 2>> "$OUT/bench.log"
 fi
 say "done in $(( $(date +%s) - T0 ))s; files under $OUT"
