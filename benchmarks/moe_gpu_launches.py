@@ -87,7 +87,7 @@ class MoeLaunches:
         self.problem = make_problem(t, h, i, e, k, dtype, dev)
         hidden, idx, weight, gate_up, down, grad = self.problem
         self.expert_idx = idx
-        self.plan = _Plan(idx, e, dtype)  # the routing kernels, run once here as the op runs them once per call
+        self.plan = _Plan(idx, e, dtype, (h, i))  # the routing kernels, run once here as the op runs them once per call
         r = self.plan.routing
         w_sorted = weight.reshape(-1).index_select(0, r.perm)
         w_up, w_down = _forward_weights(gate_up, down)

@@ -61,15 +61,30 @@ SWIGLU_BWD_MODES = ("fused", "split")
 TMA_ENV = "MOON_FAST_MOE_TMA"
 
 
+# Widths H or I that are not multiples of 16: Triton's JIT then cannot assume 16-divisible strides, so the
+# loads are masked element by element and need many more registers for addresses and masks. With the
+# aligned tiles ptxas spilled in 4 launches (up to 592 bytes in the 16-bit down GEMM on sm_90). These tiles
+# spill nothing on sm_80 or sm_90 in any launch, pointer or TMA loads (offline compile:
+# benchmarks/results/2026-11-23-aot/; tests/test_moe_triton_compile.py checks it). Keyed by "fp32?"; the
+# launches not named keep the aligned tiles (they did not spill). Not timed on a GPU: real model widths
+# are multiples of 16, and this path exists for correctness at any width.
+_UNALIGNED_TILES = {
+    False: {"down_fwd": (128, 128, 32, 8, 3), "dx": (128, 128, 32, 8, 3), "dh": (128, 128, 32, 8, 3),
+            "dh_swiglu": (64, 64, 64, 8, 3), "wgrad_down": (128, 64, 64, 4, 3)},
+    True: {"swiglu_up": (64, 64, 16, 8, 3), "wgrad_down": (64, 64, 32, 8, 3)},
+}
+
+
 def _tiles(bm, bn, bk, warps, stages) -> dict:
     return dict(zip(_TILE_KEYS, (bm, bn, bk, warps, stages)))
 
 
-def tile_sizes(dtype: torch.dtype) -> dict[str, dict]:
+def tile_sizes(dtype: torch.dtype, aligned: bool = True) -> dict[str, dict]:
     """{launch: {BM, BN, BK, num_warps, num_stages}}. Small tiles under the interpreter (cost grows with
     program instances x loop steps); tensor-core-sized tiles on a GPU. The SwiGLU launches' BN is per
-    accumulator (they hold two). ``$MOON_FAST_MOE_TILES`` (JSON {launch: [BM, BN, BK, warps, stages]})
-    overrides launches on a GPU, for tuning."""
+    accumulator (they hold two). ``aligned``: the widths H and I are multiples of 16 (see _UNALIGNED_TILES).
+    ``$MOON_FAST_MOE_TILES`` (JSON {launch: [BM, BN, BK, warps, stages]}) overrides launches on a GPU, for
+    tuning."""
     if interpreting():
         return {name: _tiles(16, 16, 16, 4, 1) for name in LAUNCHES}
     if dtype == torch.float32:
@@ -91,6 +106,8 @@ def tile_sizes(dtype: torch.dtype) -> dict[str, dict]:
                "wgrad_gate_up": _tiles(128, 128, 64, 8, 4), "dx": _tiles(128, 256, 64, 8, 3),
                # the plain dh GEMM, (S, H) @ (H, I), has down_fwd's shape at H = I: its tiles, not yet swept
                "dh": _tiles(128, 256, 64, 8, 3)}
+    if not aligned:
+        out.update({name: _tiles(*tiles) for name, tiles in _UNALIGNED_TILES[dtype == torch.float32].items()})
     override = os.environ.get(TILES_ENV)
     if override:
         try:
@@ -339,10 +356,10 @@ def _grouped_wgrad_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, b_idx_ptr, c_ptr
 class _Plan:
     """Routing (kernels/moe_routing.py) and launch constants shared by the forward and backward launches."""
 
-    def __init__(self, expert_idx: torch.Tensor, num_experts: int, dtype: torch.dtype):
+    def __init__(self, expert_idx: torch.Tensor, num_experts: int, dtype: torch.dtype, widths: tuple[int, int]):
         self.routing, self.bounds = route_triton(expert_idx, num_experts)
         assert_all_routed(self.routing)  # moe_mlp leaves the expert-range check to this on a GPU
-        self.cfg = tile_sizes(dtype)
+        self.cfg = tile_sizes(dtype, aligned=all(w % 16 == 0 for w in widths))  # widths (H, I)
         # E is a compile-time constant of the row-tile kernels (one compile per model); EP >= E lanes for
         # _row_tile's search over the experts
         self.experts = {"E": num_experts, "EP": max(16, next_power_of_2(num_experts))}
@@ -432,7 +449,7 @@ class MoeMlpTriton(torch.autograd.Function):
     def forward(ctx, hidden, expert_idx, expert_weight, gate_up_proj, down_proj):
         t, k = expert_idx.shape
         hdim = hidden.shape[1]
-        plan = _Plan(expert_idx, gate_up_proj.shape[0], hidden.dtype)
+        plan = _Plan(expert_idx, gate_up_proj.shape[0], hidden.dtype, (hdim, down_proj.shape[2]))
         need_grad = any(ctx.needs_input_grad)
         w_up, w_down = _forward_weights(gate_up_proj, down_proj)
         h, gu = swiglu_up(plan, hidden, w_up, store_gu=need_grad)
