@@ -63,11 +63,12 @@ TMA_ENV = "MOON_FAST_MOE_TMA"
 
 # Widths H or I that are not multiples of 16: Triton's JIT then cannot assume 16-divisible strides, so the
 # loads are masked element by element and need many more registers for addresses and masks. With the
-# aligned tiles ptxas spilled in 4 launches (up to 592 bytes in the 16-bit down GEMM on sm_90). These tiles
-# spill nothing on sm_80 or sm_90 in any launch, pointer or TMA loads (offline compile:
-# benchmarks/results/2026-11-23-aot/; tests/test_moe_triton_compile.py checks it). Keyed by "fp32?"; the
-# launches not named keep the aligned tiles (they did not spill). Not timed on a GPU: real model widths
-# are multiples of 16, and this path exists for correctness at any width.
+# aligned tiles ptxas spilled in 13 of the 77 kernels compiled for sm_90 (up to 592 bytes, the 16-bit down
+# GEMM) and in 10 of 55 for sm_80 (up to 700). With these, none spills on either, pointer or TMA loads
+# (offline compile, python tests/aot_triton.py --arch 90|80 --ops moe: triton_aot_sm*_moe_0967e49.txt before,
+# triton_aot_sm*_moe_498540e.txt after, in benchmarks/results/2026-11-22-aot/; tests/test_moe_triton_compile.py
+# checks it). Keyed by "fp32?"; the launches not named keep the aligned tiles (they did not spill). Not timed
+# on a GPU: real model widths are multiples of 16, and this path exists for correctness at any width.
 _UNALIGNED_TILES = {
     False: {"down_fwd": (128, 128, 32, 8, 3), "dx": (128, 128, 32, 8, 3), "dh": (128, 128, 32, 8, 3),
             "dh_swiglu": (64, 64, 64, 8, 3), "wgrad_down": (128, 64, 64, 4, 3)},
