@@ -645,6 +645,38 @@ def test_grouped_mm_and_loop_paths_agree(monkeypatch):
     assert_close(slow[0], want, **tolerance(torch.float32), name="gmm vs loop")
 
 
+# (name, T, H, I, E, k): widths multiples of 16 (the aligned table) and not (its own, _UNALIGNED_TILES)
+GPU_TILE_CASES = [("aligned", 29, 32, 16, 3, 2), ("unaligned", 29, 40, 24, 3, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GPU_TILE_CASES, ids=[c[0] for c in GPU_TILE_CASES])
+def test_triton_gpu_tiles_run_under_the_interpreter(case, dtype, monkeypatch):
+    """The tiles a GPU launch takes (kernels/moe.py tile_sizes off the interpreter: 128-row tiles, BK 16 to
+    64), run by the interpreter: every launch with tiles larger than the problem, so the masks at those tile
+    sizes are what is checked. And the launcher picks the unaligned table exactly when H or I is not a
+    multiple of 16."""
+    pytest.importorskip("triton")
+    import moon_fast.kernels.moe as moe_triton
+
+    gpu_tile_sizes, picked = moe_triton.tile_sizes, []
+
+    def gpu_table(dtype, aligned=True):
+        picked.append(aligned)
+        with monkeypatch.context() as m:
+            m.setattr(moe_triton, "interpreting", lambda: False)
+            return gpu_tile_sizes(dtype, aligned)
+
+    monkeypatch.setattr(moe_triton, "tile_sizes", gpu_table)
+    name, t, h, i, e, k = case
+    tensors, idx, grad_out = make_inputs(t, h, i, e, k, "random", torch.float32, seed=7)
+    ref32 = run("reference", tensors, idx, grad_out)
+    ref_lp = run("reference", tensors, idx, grad_out, dtype)
+    got = run("triton", tensors, idx, grad_out, dtype)
+    assert picked == [name == "aligned"], picked
+    check_against_fp32_oracle(got, ref_lp, ref32, dtype)
+
+
 def test_triton_tiles_per_launch_and_their_override(monkeypatch):
     """GPU tiles: one entry per launch; $MOON_FAST_MOE_TILES replaces the launches it names, and bad JSON
     fails with the variable's expected form."""
