@@ -373,10 +373,13 @@ def test_transformers_grouped_mm_agrees_with_reference():
 
 @pytest.mark.parametrize("t, k, e, routing", [
     (37, 2, 5, "random"), (300, 2, 4, "random"), (129, 3, 7, "skip_expert"), (1, 1, 1, "random"),
-    (70, 4, 6, "random"), (90, 1, 4, "all_one"),
-], ids=["small", "multi_block", "empty_expert", "one", "k4", "one_expert"])
+    (70, 4, 6, "random"), (90, 1, 4, "all_one"), (11000, 2, 3, "random"), (1500, 2, 300, "random"),
+], ids=["small", "multi_block", "empty_expert", "one", "k4", "one_expert", "chunks_per_lane", "experts_past_block"])
 def test_csrc_routing_matches_torch(t, k, e, routing):
-    """Histogram / scan / stable permutation against torch's stable sort (bincount, argsort)."""
+    """Histogram / scan / stable permutation against torch's stable sort (bincount, argsort). The scan gives
+    each expert kChunk // E threads ("lanes"), each over a range of the cdiv(S, 256) chunks: chunks_per_lane
+    has 86 chunks on 85 lanes per expert (ranges of 2, trailing lanes empty); experts_past_block has E = 300 >
+    256 threads (two rounds of experts, one lane each)."""
     _skip_unavailable("cuda_emu")
     from moon_fast.ops.moe_cuda import csrc_route
     from moon_fast.ops.moe_routing import route
