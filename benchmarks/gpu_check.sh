@@ -19,7 +19,7 @@
 #   bash benchmarks/gpu_check.sh                                # all steps, from the repository root
 # Under the device tool's 10-minute calls, on the same warm machine (what a call built and installed stays
 # there while the machine is held; it goes back after about 30 s idle, so make the next call at once):
-#   STEPS=build,moe bash benchmarks/gpu_check.sh                    # 1: issue 4's target, modes A/B (<= 510 s)
+#   STEPS=build,moe bash benchmarks/gpu_check.sh                    # 1: issue 4's target, modes A/B (<= 540 s)
 #   STEPS=peers,tests TEST_BUDGET=380 bash benchmarks/gpu_check.sh  # 2: correctness, peers included (<= 580 s)
 #   STEPS=bench BENCH_BUDGET=240 bash benchmarks/gpu_check.sh; \
 #     python benchmarks/moe_gpu_gemm.py --dtypes bf16 --shapes 16384x8 --out "$OUT/peers"  # 3: peers' rows
@@ -30,7 +30,7 @@
 # Budgets (seconds; each step is cut at its limit and the script goes on): BUILD_BUDGET=150 (the build
 # took 106 s on a 16-core H100 machine), PEERS_BUDGET=200, TEST_BUDGET=240 (the tests took about 300 s
 # there in all: give more to see them all), MOE_BUDGET=240 (50 s there for the 9 rows per shape then; up to
-# 22 now, with the split, TMA and peer rows; plus 60 s for the launch count and 60 s for the probes;
+# 22 now, with the split, TMA and peer rows; plus 60 s for the launch count and 90 s for the probes (with the routing probe);
 # moe_gpu_gemm.py saves its rows after each shape, bf16 first), BENCH_BUDGET=40 (shared equally among the
 # ops; cases still waiting when an op's share is spent are recorded as skipped; give 230 or more for a useful
 # table; the step may take 90 s more). All steps at once take up to about 18 minutes.
@@ -149,8 +149,8 @@ if want moe && [[ $DRY != 1 ]]; then
   say "MoE grouped GEMMs vs dense cuBLAS (budget ${MOE_BUDGET}s)"
   timeout "$MOE_BUDGET" $PY benchmarks/moe_gpu_gemm.py --out "$OUT" > "$OUT/moe_gpu_gemm.log" 2>&1
   say "moe_gpu_gemm: rc $?; $(grep -c '% of dense' "$OUT/moe_gpu_gemm.log") ratios"
-  timeout 60 $PY benchmarks/moe_gpu_probes.py > "$OUT/moe_gpu_probes.log" 2>&1
-  say "moe_gpu_probes: rc $?; $(grep 'split with' "$OUT/moe_gpu_probes.log")"
+  timeout 90 $PY benchmarks/moe_gpu_probes.py > "$OUT/moe_gpu_probes.log" 2>&1
+  say "moe_gpu_probes: rc $?; $(grep -E 'split with|routing T=524288' "$OUT/moe_gpu_probes.log")"
 fi
 
 # ---------------------------------------------------------------- 4. benchmarks at GPU sizes

@@ -9,12 +9,17 @@ h = silu(g) * u: several passes) or as kernels/moe_swiglu.py's one pass (the op'
 ``launch-cost``: host time of one launch (no synchronisation in the loop), for a Triton grouped GEMM, a
 cuBLAS matmul and a torch elementwise op, to see where the op's host time per call goes.
 
-    python benchmarks/moe_gpu_probes.py [--t 16384]      # needs a CUDA GPU
+``routing``: device time of the three routings (torch's stable sort, moon_fast.ops.moe_routing.route; the
+Triton counting sort, kernels/moe_routing.py; the csrc histogram / scan / scatter, csrc/moe.cu) up to large
+S = T * k, checked equal to each other first. The csrc scan was made parallel over chunks without a GPU.
+
+    python benchmarks/moe_gpu_probes.py [--t 16384] [--route-t 16384,131072,524288]      # needs a CUDA GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import torch
@@ -33,6 +38,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--t", type=int, default=16384)
     p.add_argument("--width", type=int, default=1024, help="H = I")
+    p.add_argument("--route-t", default="16384,131072,524288", help="token counts of the routing probe (k = 2)")
     p.add_argument("--device", default="cuda", help="cpu: a logic check under TRITON_INTERPRET=1 (no timings)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -75,7 +81,28 @@ def main(argv=None) -> int:
                      ("cuBLAS matmul (64x64)", lambda: small @ small),
                      ("torch add (64x64)", lambda: small + small)):
         print(f"launch-cost: {name}: {host_ms(fn, n=200) * 1e3:.1f} us of host time per call", flush=True)
+    routing_probe([int(x) for x in args.route_t.split(",")], args.device)
     return 0
+
+
+def routing_probe(token_counts: list[int], device: str) -> None:
+    from moon_fast.kernels.moe_routing import route_triton
+
+    from moon_fast.ops.moe_cuda import csrc_route
+    from moon_fast.ops.moe_routing import route
+
+    for t in token_counts:
+        for e in (8, 64):
+            idx = torch.rand(t, e, device=device).argsort(dim=1)[:, :2].contiguous()  # distinct top-2 experts
+            ways = {"torch": functools.partial(route, idx, e),
+                    "triton": functools.partial(lambda i, n: route_triton(i, n)[0], idx, e),
+                    "csrc": functools.partial(csrc_route, idx, e)}
+            want = ways["torch"]()
+            for name, fn in ways.items():
+                got = fn()
+                assert torch.equal(got.perm, want.perm) and torch.equal(got.offsets, want.offsets), name
+            times = ", ".join(f"{name} {device_ms(fn):.3f} ms" for name, fn in ways.items())
+            print(f"routing T={t} k=2 E={e} (S={2 * t}): {times}", flush=True)
 
 
 if __name__ == "__main__":

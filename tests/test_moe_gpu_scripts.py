@@ -73,7 +73,7 @@ def test_launches_compute_the_op():
 def test_probes_run():
     import moe_gpu_probes
 
-    assert moe_gpu_probes.main(["--t", "40", "--width", "32", "--device", "cpu"]) == 0
+    assert moe_gpu_probes.main(["--t", "40", "--width", "32", "--route-t", "1,300", "--device", "cpu"]) == 0
 
 
 def test_launch_count_writes_its_rows(tmp_path):
