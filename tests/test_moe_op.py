@@ -782,6 +782,26 @@ def test_bad_input_errors(mutate, match):
         moe_mlp(*args, backend="torch")
 
 
+@pytest.mark.parametrize("bad", [-1, 3, 2**40])
+@pytest.mark.parametrize("backend", ["torch", "grouped_mm", "triton", "cuda_emu"])
+def test_routing_checks_the_expert_range_itself(backend, bad, monkeypatch):
+    """On a GPU moe_mlp skips its own range check for the backends in _ROUTING_CHECKS_RANGE and relies on
+    their routing's device-side assert (cuda_emu stands in for cuda: the same csrc routing). Here, with
+    moe_mlp's check switched off, each routing must still refuse an id below 0 or at E and above."""
+    import moon_fast.ops.moe as moe_op
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    _skip_unavailable(backend)
+    assert backend.replace("cuda_emu", "cuda") in moe_op._ROUTING_CHECKS_RANGE
+    monkeypatch.setattr(moe_op, "_check_expert_range", lambda *args: None)
+    hidden, idx, weight, gate_up, down = _good()
+    moe_mlp(hidden, idx, weight, gate_up, down, backend=backend)  # good ids pass
+    idx[3, 1] = bad
+    with pytest.raises(RuntimeError, match=r"expert_idx has values outside \[0, 3\)"):
+        moe_mlp(hidden, idx, weight, gate_up, down, backend=backend)
+
+
 def test_unknown_backend_error():
     from moon_fast.backends import BackendUnavailable
 

@@ -53,9 +53,12 @@ def _auto_order(hidden: torch.Tensor):
     """auto's preference for these inputs: `_CUDA_BF16_ORDER` for bf16 on a GPU, else None (the device's)."""
     return _CUDA_BF16_ORDER if hidden.device.type == "cuda" and hidden.dtype == torch.bfloat16 else None
 
-# On a GPU these backends' routing kernels skip ids outside [0, E) and then assert that no slot was skipped
-# (moe_routing.assert_all_routed: 2 launches), in place of _check_expert_range's 5.
-_ROUTING_CHECKS_RANGE = ("triton", "cuda")
+# On a GPU these backends' routings check the expert range on the device, in place of _check_expert_range's
+# 5 launches: the Triton and csrc routing kernels skip ids outside [0, E) and then assert that no slot was
+# skipped (moe_routing.assert_all_routed: 2 launches); moe_routing.route (torch, grouped_mm and the
+# grouped_gemm peer) asserts from its binary search (3 launches). The megablocks peer sorts with its own
+# kernels, and the reference loops over experts: moe_mlp checks for them.
+_ROUTING_CHECKS_RANGE = ("torch", "grouped_mm", "triton", "cuda", "grouped_gemm")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_SLOTS = 2**31 - 1  # grouped_mm offsets and the csrc kernels index slots with int32
 

@@ -48,14 +48,19 @@ class Routing:
 
 
 def route(expert_idx: torch.Tensor, num_experts: int) -> Routing:
-    """Expert-contiguous order of ``expert_idx`` (T, k) (ids assumed in [0, num_experts))."""
+    """Expert-contiguous order of ``expert_idx`` (T, k). Asserts on the device that every id is in
+    [0, num_experts) (asynchronous on a GPU: the error surfaces at the next synchronisation)."""
     top_k = expert_idx.shape[1]
     flat = expert_idx.reshape(-1)
     sorted_ids, perm = torch.sort(flat, stable=True)
-    # ends[e] = number of slots with id <= e: a binary search per expert, no histogram atomics and no
-    # data-dependent output size (torch.bincount on CUDA reads the max back to the host).
-    probes = torch.arange(num_experts, device=flat.device, dtype=sorted_ids.dtype)
-    offsets = torch.searchsorted(sorted_ids, probes, right=True).to(torch.int32)
+    # ends[1 + e] = number of slots with id <= e: a binary search per expert, no histogram atomics and no
+    # data-dependent output size (torch.bincount on CUDA reads the max back to the host). ends[0] = the
+    # number of negative ids, for the range check.
+    probes = torch.arange(-1, num_experts, device=flat.device, dtype=sorted_ids.dtype)
+    ends = torch.searchsorted(sorted_ids, probes, right=True)
+    if flat.numel():  # no id below 0 and none above E - 1; 3 small launches (a range check of its own took 5)
+        torch._assert_async(ends[-1] - ends[0] == flat.numel(), expert_range_message(num_experts))
+    offsets = ends[1:].to(torch.int32)
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
     return Routing(perm=perm, token=torch.div(perm, top_k, rounding_mode="floor"), inv_perm=inv_perm,
