@@ -67,7 +67,9 @@ TMA_ENV = "MOON_FAST_MOE_TMA"
 # GEMM) and in 10 of 55 for sm_80 (up to 700). With these, none spills on either, pointer or TMA loads
 # (offline compile, python tests/aot_triton.py --arch 90|80 --ops moe: triton_aot_sm*_moe_0967e49.txt before,
 # triton_aot_sm*_moe_498540e.txt after, in benchmarks/results/2026-11-22-aot/; tests/test_moe_triton_compile.py
-# checks it). Keyed by "fp32?"; the launches not named keep the aligned tiles (they did not spill). Not timed
+# checks it). Keyed by "fp32?"; the launches not named keep the aligned tiles (they did not spill). Chosen per
+# launch by the widths that launch sees (plan_tiles): at H = 96, I = 72 the dx GEMM sees 2I = 144 and compiles
+# aligned, so it keeps the aligned tiles (triton_aot_sm*_moe_<this commit>.txt: 0 spills). Not timed
 # on a GPU: real model widths are multiples of 16, and this path exists for correctness at any width.
 _UNALIGNED_TILES = {
     False: {"down_fwd": (128, 128, 32, 8, 3), "dx": (128, 128, 32, 8, 3), "dh": (128, 128, 32, 8, 3),
@@ -118,6 +120,16 @@ def tile_sizes(dtype: torch.dtype, aligned: bool = True) -> dict[str, dict]:
             raise ValueError(f"${TILES_ENV} must be JSON {{launch: [BM, BN, BK, num_warps, num_stages]}} with "
                              f"launches among {LAUNCHES}; got {override!r} ({exc})") from exc
     return out
+
+
+def plan_tiles(dtype: torch.dtype, hidden: int, inter: int) -> dict[str, dict]:
+    """Each launch's tiles for widths H = ``hidden`` and I = ``inter``: the aligned table where every width
+    that launch's kernel sees is a multiple of 16 (the JIT's 16-divisible specialisation), else
+    _UNALIGNED_TILES. The dx and gate_up weight-gradient launches see 2I, not I (their operand is d gu,
+    (S, 2I)), so at I % 16 == 8 they compile aligned and keep the aligned tiles."""
+    tables = {True: tile_sizes(dtype, aligned=True), False: tile_sizes(dtype, aligned=False)}
+    widths = {name: (hidden, 2 * inter if name in ("dx", "wgrad_gate_up") else inter) for name in LAUNCHES}
+    return {name: tables[all(w % 16 == 0 for w in widths[name])][name] for name in LAUNCHES}
 
 
 def swiglu_backward_mode() -> str:
@@ -360,7 +372,7 @@ class _Plan:
     def __init__(self, expert_idx: torch.Tensor, num_experts: int, dtype: torch.dtype, widths: tuple[int, int]):
         self.routing, self.bounds = route_triton(expert_idx, num_experts)
         assert_all_routed(self.routing)  # moe_mlp leaves the expert-range check to this on a GPU
-        self.cfg = tile_sizes(dtype, aligned=all(w % 16 == 0 for w in widths))  # widths (H, I)
+        self.cfg = plan_tiles(dtype, *widths)  # widths (H, I)
         # E is a compile-time constant of the row-tile kernels (one compile per model); EP >= E lanes for
         # _row_tile's search over the experts
         self.experts = {"E": num_experts, "EP": max(16, next_power_of_2(num_experts))}

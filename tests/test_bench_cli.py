@@ -14,7 +14,7 @@ from moon_fast.cli import main
 def _check_outputs(out, ops):
     data = json.loads((out / "results.json").read_text())
     m = data["machine"]
-    for key in ("date", "commit", "device", "host_cpu", "torch", "triton", "transformers", "peaks"):
+    for key in ("date", "commit", "device", "host_cpu", "host_cpu_isa", "torch", "triton", "transformers", "peaks"):
         assert key in m
     assert m["peaks"]["gemm_tflops"]["fp32"] > 0 and m["peaks"]["bandwidth_gbps"] > 0
     assert {r["op"] for r in data["results"]} == set(ops)

@@ -648,8 +648,10 @@ def test_grouped_mm_and_loop_paths_agree(monkeypatch):
     assert_close(slow[0], want, **tolerance(torch.float32), name="gmm vs loop")
 
 
-# (name, T, H, I, E, k): widths multiples of 16 (the aligned table) and not (its own, _UNALIGNED_TILES)
-GPU_TILE_CASES = [("aligned", 29, 32, 16, 3, 2), ("unaligned", 29, 40, 24, 3, 2)]
+# (name, T, H, I, E, k): widths multiples of 16 (the aligned table), not (its own, _UNALIGNED_TILES), and
+# I % 16 == 8, where only the launches that see 2I rather than I (dx, wgrad_gate_up) compile aligned
+GPU_TILE_CASES = [("aligned", 29, 32, 16, 3, 2), ("unaligned", 29, 40, 24, 3, 2), ("half_aligned", 29, 32, 24, 3, 2)]
+ALIGNED_LAUNCHES = {"aligned": "all", "unaligned": (), "half_aligned": ("dx", "wgrad_gate_up")}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -657,26 +659,32 @@ GPU_TILE_CASES = [("aligned", 29, 32, 16, 3, 2), ("unaligned", 29, 40, 24, 3, 2)
 def test_triton_gpu_tiles_run_under_the_interpreter(case, dtype, monkeypatch):
     """The tiles a GPU launch takes (kernels/moe.py tile_sizes off the interpreter: 128-row tiles, BK 16 to
     64), run by the interpreter: every launch with tiles larger than the problem, so the masks at those tile
-    sizes are what is checked. And the launcher picks the unaligned table exactly when H or I is not a
-    multiple of 16."""
+    sizes are what is checked. And each launch takes the unaligned table exactly when a width its kernel
+    sees is not a multiple of 16."""
     pytest.importorskip("triton")
     import moon_fast.kernels.moe as moe_triton
 
-    gpu_tile_sizes, picked = moe_triton.tile_sizes, []
+    gpu_tile_sizes, plan_tiles, picked = moe_triton.tile_sizes, moe_triton.plan_tiles, []
 
     def gpu_table(dtype, aligned=True):
-        picked.append(aligned)
         with monkeypatch.context() as m:
             m.setattr(moe_triton, "interpreting", lambda: False)
             return gpu_tile_sizes(dtype, aligned)
 
+    def recorded(*args):
+        picked.append(plan_tiles(*args))
+        return picked[-1]
+
     monkeypatch.setattr(moe_triton, "tile_sizes", gpu_table)
+    monkeypatch.setattr(moe_triton, "plan_tiles", recorded)
     name, t, h, i, e, k = case
     tensors, idx, grad_out = make_inputs(t, h, i, e, k, "random", torch.float32, seed=7)
     ref32 = run("reference", tensors, idx, grad_out)
     ref_lp = run("reference", tensors, idx, grad_out, dtype)
     got = run("triton", tensors, idx, grad_out, dtype)
-    assert picked == [name == "aligned"], picked
+    aligned_launches = moe_triton.LAUNCHES if ALIGNED_LAUNCHES[name] == "all" else ALIGNED_LAUNCHES[name]
+    want = {launch: gpu_table(dtype, launch in aligned_launches)[launch] for launch in moe_triton.LAUNCHES}
+    assert picked == [want], picked
     check_against_fp32_oracle(got, ref_lp, ref32, dtype)
 
 

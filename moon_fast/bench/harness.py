@@ -113,6 +113,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that decide the matmul rate: oneDNN runs bf16 GEMMs on AMX tiles where the CPU exposes them
+# (several times the AVX-512 rate), so two "Intel Xeon Processor" hosts can differ 3-5x in bf16 GEMM speed.
+_MATMUL_ISA = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+
+
+def cpu_isa() -> str:
+    """The flags of _MATMUL_ISA this CPU has, comma-separated ("" where /proc/cpuinfo is unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return ",".join(flag for flag in _MATMUL_ISA if flag in have)
+    except OSError:
+        pass
+    return ""
+
+
 def machine_info() -> dict:
     import importlib.metadata as md
 
@@ -127,6 +145,7 @@ def machine_info() -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "host_cpu": cpu_model(),
+        "host_cpu_isa": cpu_isa(),
         "cpu_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(0) if gpu else "cpu",
         "python": sys.version.split()[0],

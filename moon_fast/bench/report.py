@@ -110,7 +110,7 @@ def render(paths: list[str]) -> str:
         where = m.get("device", "?") if m.get("device") != "cpu" else f"CPU only ({m.get('host_cpu', '?')})"
         out += [f"### {where}: {m.get('date', '?')}", "",
                 f"- Measured on: device `{m.get('device')}`, host CPU `{m.get('host_cpu')}` "
-                f"({m.get('cpu_threads')} threads); torch {m.get('torch')} (CUDA {m.get('cuda')}), "
+                f"({m.get('cpu_threads')} threads; {m.get('host_cpu_isa') or 'ISA not recorded'}); torch {m.get('torch')} (CUDA {m.get('cuda')}), "
                 f"triton {m.get('triton')}, transformers {m.get('transformers')}, open_clip {m.get('open_clip')}; "
                 f"commit `{m.get('commit')}`.",
                 f"- Command: `{settings.get('command', 'moon-fast bench')}` "

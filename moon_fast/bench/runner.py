@@ -34,7 +34,8 @@ DEFAULT_OPS = ("contrastive", "attention", "moe", "train")
 CSV_COLUMNS = (
     "op", "backend", "dtype", "label", "mode", "status", "p50_ms", "p20_ms", "p80_ms", "peak_mem_mb",
     "gflop", "tflops", "gbps", "pct_peak", "bound", "samples_per_s", "tokens_per_s", "params", "extra",
-    "device", "host_cpu", "cpu_threads", "torch", "cuda", "triton", "transformers", "open_clip", "commit", "date",
+    "device", "host_cpu", "host_cpu_isa", "cpu_threads", "torch", "cuda", "triton", "transformers", "open_clip", "commit",
+    "date",
 )
 
 
@@ -241,7 +242,7 @@ def write_csv(path, rows: list[dict], machine: dict) -> None:
                 "samples_per_s": _fmt(r.get("samples_per_s"), 1, 6), "tokens_per_s": _fmt(r.get("tokens_per_s"), 1, 6),
                 "params": json.dumps(r.get("params", {}), sort_keys=True),
                 "extra": json.dumps(r.get("extra", {}), sort_keys=True),
-                **{k: machine.get(k) for k in ("device", "host_cpu", "cpu_threads", "torch", "cuda", "triton",
+                **{k: machine.get(k) for k in ("device", "host_cpu", "host_cpu_isa", "cpu_threads", "torch", "cuda", "triton",
                                                "transformers", "open_clip", "commit", "date")},
             })
 
