@@ -69,7 +69,7 @@ TMA_ENV = "MOON_FAST_MOE_TMA"
 # triton_aot_sm*_moe_498540e.txt after, in benchmarks/results/2026-11-22-aot/; tests/test_moe_triton_compile.py
 # checks it). Keyed by "fp32?"; the launches not named keep the aligned tiles (they did not spill). Chosen per
 # launch by the widths that launch sees (plan_tiles): at H = 96, I = 72 the dx GEMM sees 2I = 144 and compiles
-# aligned, so it keeps the aligned tiles (triton_aot_sm*_moe_<this commit>.txt: 0 spills). Not timed
+# aligned, so it keeps the aligned tiles (triton_aot_sm*_moe_7fb69c1.txt: 0 spills). Not timed
 # on a GPU: real model widths are multiples of 16, and this path exists for correctness at any width.
 _UNALIGNED_TILES = {
     False: {"down_fwd": (128, 128, 32, 8, 3), "dx": (128, 128, 32, 8, 3), "dh": (128, 128, 32, 8, 3),
