@@ -6,6 +6,7 @@
     python benchmarks/cpu_probes.py gemm-layouts [--dtype bf16]  # GEMM shapes / layouts / thread counts of the MoE
     python benchmarks/cpu_probes.py small-experts                # bf16 per-expert GEMM calls: where small ones lose
     python benchmarks/cpu_probes.py torch-floor                  # the least time any torch-GEMM MoE step can take
+    python benchmarks/cpu_probes.py malloc-cache                 # MoE steps with / without keeping freed memory
 
 * gemm-drift: the median time of a (1024 x 1024) @ (1024 x 1024) bf16 matmul in each of several fresh
   processes. Why ``moon-fast bench --interleave`` exists: the same call differs between processes.
@@ -26,6 +27,10 @@
   backend, and a plain bf16 copy of (8192 x 1024), this machine's memory bandwidth for a pass. The floor adds
   to the grouped GEMMs the least memory traffic the work around them needs (``TORCH_DISPATCH_MIB``: each
   tensor read or written once, every pass fused) at the copy's bandwidth.
+* malloc-cache: why ``moon-fast`` keeps freed CPU memory in the process (moon_fast/malloc_cache.py): the
+  headline MoE step (fp32 and bf16; the ``torch`` and ``cpu`` backends and ``dense_gemm``) in fresh processes
+  with ``$MOON_FAST_MALLOC_CACHE`` 0 and 1, huge pages on: per step, the median time, minor page faults and
+  system (kernel) time over 9 steps after 2 untimed ones, and the process's peak RSS.
 * moe-profile: per-op CPU time of two forward+backward steps of ``moe_mlp`` (``--backend`` torch or cpu) at the
   benchmark's headline shape (T=4096, H=I=1024, E=8, k=2).
 """
@@ -55,9 +60,33 @@ for _ in range(15):
 print(f"{statistics.median(ts[3:]) * 1e3:.2f}")
 """
 
+_MOE_STEPS = """
+import os, resource, statistics, sys, time
+from moon_fast import malloc_cache
+malloc_cache.apply_from_env()
+import torch
+from moon_fast.bench import moe
+from moon_fast.bench.harness import DTYPES
+dtype, backend = sys.argv[1], sys.argv[2]
+work = moe.build(backend=backend, dtype=DTYPES[dtype], device=torch.device("cpu"), T=4096, H=1024, I=1024, E=8,
+                 k=2)
+work.step(); work.step()
+ts, faults, system = [], [], []
+for _ in range(9):
+    r0 = resource.getrusage(resource.RUSAGE_SELF); t0 = time.perf_counter()
+    work.step()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    ts.append(time.perf_counter() - t0); faults.append(r1.ru_minflt - r0.ru_minflt)
+    system.append(r1.ru_stime - r0.ru_stime)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(f"{statistics.median(ts) * 1e3:7.0f} ms  {statistics.median(faults):6.0f} faults  "
+      f"{statistics.median(system) * 1e3:5.0f} ms system  (system per step {min(system) * 1e3:.0f}-"
+      f"{max(system) * 1e3:.0f} ms)  peak RSS {peak:5.0f} MiB")
+"""
 
-def _child(code: str, **env: str) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+
+def _child(code: str, *args: str, **env: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
                          env={**os.environ, **env})
     return out.stdout.strip()
 
@@ -114,6 +143,15 @@ def _print_interleaved_medians(cases: dict, rounds: int) -> dict:
 #             unpermute + sum dx 16 + 8; routing-weight gradient y, dout 16 + 8
 # (xs saved, not gathered again; routing and the k-sized tensors left out.)
 TORCH_DISPATCH_MIB = (8 + 16) + (32 + 16) + (16 + 8) + (8 + 16) + (16 + 32 + 32 + 16) + (16 + 8) + (16 + 8)
+
+
+def malloc_cache() -> None:
+    print("moe_mlp forward+backward, T=4096, H=I=1024, E=8, k=2, THP_MEM_ALLOC_ENABLE=1; one process per line")
+    for dtype in ("fp32", "bf16"):
+        for backend in ("torch", "cpu", "dense_gemm"):
+            for flag in ("0", "1"):
+                line = _child(_MOE_STEPS, dtype, backend, THP_MEM_ALLOC_ENABLE="1", MOON_FAST_MALLOC_CACHE=flag)
+                print(f"{dtype:4s} {backend:10s} MOON_FAST_MALLOC_CACHE={flag}: {line}", flush=True)
 
 
 def torch_floor() -> None:
@@ -227,6 +265,7 @@ def main() -> None:
     sub.add_parser("gemm-layouts").add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
     sub.add_parser("small-experts")
     sub.add_parser("torch-floor")
+    sub.add_parser("malloc-cache")
     args = parser.parse_args()
     if args.probe == "gemm-drift":
         gemm_drift(args.processes)
@@ -238,6 +277,8 @@ def main() -> None:
         small_experts()
     elif args.probe == "torch-floor":
         torch_floor()
+    elif args.probe == "malloc-cache":
+        malloc_cache()
     else:
         moe_profile(args.dtype, args.backend)
 
