@@ -22,7 +22,7 @@
   times, with weights packed beforehand by oneDNN (``torch.ops.mkldnn._linear_pointwise``), and as one call.
   The packing itself is timed too. 7 interleaved rounds, medians.
 * torch-floor: whether the ``torch`` backend can reach issue 4's bf16 CPU target (1.25x ``dense_gemm``) at the
-  headline shape. Interleaved (9 rounds, medians, huge pages on as ``moon-fast`` sets them): ``dense_gemm``,
+  headline shape. Interleaved (9 rounds, medians, huge pages and the malloc cache on as ``moon-fast`` sets them): ``dense_gemm``,
   ``grouped_gemm_floor`` (the six grouped GEMMs the ``torch`` backend runs, nothing else), the ``torch``
   backend, and a plain bf16 copy of (8192 x 1024), this machine's memory bandwidth for a pass. The floor adds
   to the grouped GEMMs the least memory traffic the work around them needs (``TORCH_DISPATCH_MIB``: each
@@ -85,6 +85,15 @@ print(f"{statistics.median(ts) * 1e3:7.0f} ms  {statistics.median(faults):6.0f} 
 """
 
 
+def _as_moon_fast() -> None:
+    """The process settings ``moon-fast`` makes (moon_fast/cli.py): huge pages (before torch allocates) and
+    freed CPU memory kept in the process, unless the environment turns them off."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    from moon_fast import malloc_cache
+
+    malloc_cache.apply_from_env()
+
+
 def _child(code: str, *args: str, **env: str) -> str:
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
                          env={**os.environ, **env})
@@ -103,6 +112,7 @@ def thp_gather() -> None:
 
 
 def moe_profile(dtype: str, backend: str) -> None:
+    _as_moon_fast()
     import torch
     from torch.profiler import profile
 
@@ -155,7 +165,7 @@ def malloc_cache() -> None:
 
 
 def torch_floor() -> None:
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as moon-fast sets it (before torch allocates)
+    _as_moon_fast()
     import torch
 
     from moon_fast.bench import moe

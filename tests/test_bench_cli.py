@@ -198,3 +198,21 @@ def test_cli_turns_on_huge_pages_before_torch(preset, expected):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected
+
+
+def test_interleaved_ratios_are_medians_of_per_round_ratios():
+    """benchmarks/interleaved_ratios.py: A / B per round, then the median (not a ratio of medians); a backend
+    that did not run gives no ratio."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "interleaved_ratios.py"
+    spec = importlib.util.spec_from_file_location("interleaved_ratios", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    group = {"backends": {"a": {"status": "ok", "times_s": [1.0, 4.0, 3.0]},
+                          "b": {"status": "ok", "times_s": [2.0, 2.0, 1.0]},
+                          "c": {"status": "unavailable: no GPU"}}}
+    # per round 0.5, 2, 3: median 2 (the ratio of medians would be 3 / 2 = 1.5)
+    assert mod.pair_ratios(group, "a", "b") == (2.0, 0.5, 3.0)
+    assert mod.pair_ratios(group, "a", "c") is None and mod.pair_ratios(group, "a", "missing") is None
