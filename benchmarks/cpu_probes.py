@@ -22,15 +22,21 @@
   times, with weights packed beforehand by oneDNN (``torch.ops.mkldnn._linear_pointwise``), and as one call.
   The packing itself is timed too. 7 interleaved rounds, medians.
 * torch-floor: whether the ``torch`` backend can reach issue 4's bf16 CPU target (1.25x ``dense_gemm``) at the
-  headline shape. Interleaved (9 rounds, medians, huge pages and the malloc cache on as ``moon-fast`` sets them): ``dense_gemm``,
+  headline shape. Interleaved (9 rounds, medians, huge pages on as ``moon-fast`` sets them; glibc kept freed
+  memory where ``CPU_PROBES_KEEP_FREED=1``, see malloc-cache): ``dense_gemm``,
   ``grouped_gemm_floor`` (the six grouped GEMMs the ``torch`` backend runs, nothing else), the ``torch``
   backend, and a plain bf16 copy of (8192 x 1024), this machine's memory bandwidth for a pass. The floor adds
   to the grouped GEMMs the least memory traffic the work around them needs (``TORCH_DISPATCH_MIB``: each
   tensor read or written once, every pass fused) at the copy's bandwidth.
-* malloc-cache: why ``moon-fast`` keeps freed CPU memory in the process (moon_fast/malloc_cache.py): the
-  headline MoE step (fp32 and bf16; the ``torch`` and ``cpu`` backends and ``dense_gemm``) in fresh processes
-  with ``$MOON_FAST_MALLOC_CACHE`` 0 and 1, huge pages on: per step, the median time, minor page faults and
-  system (kernel) time over 9 steps after 2 untimed ones, and the process's peak RSS.
+* malloc-cache: what large CPU temporaries cost in page faults, and why glibc settings are not the fix. A
+  child process may set glibc's malloc to keep freed memory (``mallopt``: no mmap for large blocks, no
+  trimming; ``CPU_PROBES_KEEP_FREED=1``). (1) The headline MoE step (fp32 and bf16; the ``torch`` and ``cpu``
+  backends and ``dense_gemm``), huge pages on, without and with the setting: per step, the median time, minor
+  page faults and system (kernel) time over 9 steps after 2 untimed ones, and the process's peak RSS. (2) Eight
+  rounds of a 64 MiB tensor freed after a small tensor that stays alive was allocated: page faults per round
+  and how much the data segment grew, three processes each way. With the setting, glibc 2.36's
+  ``posix_memalign`` (which torch uses) cannot reuse the freed exact-size block, so the heap can grow every
+  round.
 * moe-profile: per-op CPU time of two forward+backward steps of ``moe_mlp`` (``--backend`` torch or cpu) at the
   benchmark's headline shape (T=4096, H=I=1024, E=8, k=2).
 """
@@ -60,10 +66,17 @@ for _ in range(15):
 print(f"{statistics.median(ts[3:]) * 1e3:.2f}")
 """
 
-_MOE_STEPS = """
+# glibc's malloc set to keep freed memory in the process: large blocks from the heap, not mmap (M_MMAP_MAX = 0),
+# and the heap never trimmed (M_TRIM_THRESHOLD = 2^31 - 1). Only where CPU_PROBES_KEEP_FREED=1.
+_KEEP_FREED = """
+import ctypes, os
+if os.environ.get("CPU_PROBES_KEEP_FREED") == "1":
+    _libc = ctypes.CDLL(None)
+    assert _libc.mallopt(-4, 0) == 1 and _libc.mallopt(-1, 2**31 - 1) == 1
+"""
+
+_MOE_STEPS = _KEEP_FREED + """
 import os, resource, statistics, sys, time
-from moon_fast import malloc_cache
-malloc_cache.apply_from_env()
 import torch
 from moon_fast.bench import moe
 from moon_fast.bench.harness import DTYPES
@@ -84,14 +97,28 @@ print(f"{statistics.median(ts) * 1e3:7.0f} ms  {statistics.median(faults):6.0f} 
       f"{max(system) * 1e3:.0f} ms)  peak RSS {peak:5.0f} MiB")
 """
 
+_HEAP_GROWTH = _KEEP_FREED + """
+import resource
+import torch
+def data_mib():
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmData:")[1].split()[0]) // 1024
+keep, faults, start = [], [], data_mib()
+for _ in range(8):
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.empty(16 * 1024 * 1024); x.fill_(1.0)  # 64 MiB
+    keep.append(torch.empty(1024))  # a small tensor that stays alive, allocated after the large one
+    del x
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+print(f"page faults per round {faults}; data segment grew {data_mib() - start} MiB")
+"""
+
 
 def _as_moon_fast() -> None:
-    """The process settings ``moon-fast`` makes (moon_fast/cli.py): huge pages (before torch allocates) and
-    freed CPU memory kept in the process, unless the environment turns them off."""
+    """The process setting ``moon-fast`` makes (moon_fast/cli.py): huge pages, before torch allocates; and
+    glibc keeping freed memory where CPU_PROBES_KEEP_FREED=1 (see malloc-cache)."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    from moon_fast import malloc_cache
-
-    malloc_cache.apply_from_env()
+    exec(_KEEP_FREED, {})
 
 
 def _child(code: str, *args: str, **env: str) -> str:
@@ -156,12 +183,17 @@ TORCH_DISPATCH_MIB = (8 + 16) + (32 + 16) + (16 + 8) + (8 + 16) + (16 + 32 + 32 
 
 
 def malloc_cache() -> None:
-    print("moe_mlp forward+backward, T=4096, H=I=1024, E=8, k=2, THP_MEM_ALLOC_ENABLE=1; one process per line")
+    print("(1) moe_mlp forward+backward, T=4096, H=I=1024, E=8, k=2, THP_MEM_ALLOC_ENABLE=1; one process per line")
     for dtype in ("fp32", "bf16"):
         for backend in ("torch", "cpu", "dense_gemm"):
             for flag in ("0", "1"):
-                line = _child(_MOE_STEPS, dtype, backend, THP_MEM_ALLOC_ENABLE="1", MOON_FAST_MALLOC_CACHE=flag)
-                print(f"{dtype:4s} {backend:10s} MOON_FAST_MALLOC_CACHE={flag}: {line}", flush=True)
+                line = _child(_MOE_STEPS, dtype, backend, THP_MEM_ALLOC_ENABLE="1", CPU_PROBES_KEEP_FREED=flag)
+                print(f"{dtype:4s} {backend:10s} CPU_PROBES_KEEP_FREED={flag}: {line}", flush=True)
+    print("(2) 8 rounds: a 64 MiB tensor, then a small one kept alive, then the large one freed; THP on")
+    for flag in ("0", "1"):
+        for _ in range(3):
+            line = _child(_HEAP_GROWTH, THP_MEM_ALLOC_ENABLE="1", CPU_PROBES_KEEP_FREED=flag)
+            print(f"CPU_PROBES_KEEP_FREED={flag}: {line}", flush=True)
 
 
 def torch_floor() -> None:

@@ -39,8 +39,8 @@ def main() -> None:
         with open(path) as f:
             data = json.load(f)
         m = data["machine"]
-        print(f"{path}: commit {m.get('commit')}, {m.get('host_cpu_isa') or 'ISA not recorded'}, "
-              f"malloc_cache {m.get('malloc_cache', 'not recorded')}")
+        extra = f", malloc_cache {m['malloc_cache']}" if "malloc_cache" in m else ""  # runs at 46d6d33-f1b2bcc
+        print(f"{path}: commit {m.get('commit')}, {m.get('host_cpu_isa') or 'ISA not recorded'}{extra}")
         for g in data["groups"]:
             print(f"  {g['op']} {g['dtype']} {g['label']}, {g['rounds']} rounds:")
             for num, den in pairs:

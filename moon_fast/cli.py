@@ -12,8 +12,6 @@ import importlib
 import os
 import sys
 
-from moon_fast import malloc_cache
-
 # Transparent huge pages for PyTorch's CPU allocations of 2 MiB and more. PyTorch reads this once, at its
 # first allocation, so it is set here, before anything imports torch (THP_MEM_ALLOC_ENABLE=0 turns it
 # off). Without it every large CPU temporary costs one page fault per 4 KiB on first touch: a gather into
@@ -21,10 +19,6 @@ from moon_fast import malloc_cache
 # (python benchmarks/cpu_probes.py thp-gather).
 # No effect on CUDA memory, or where the kernel's THP mode is "never".
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-# ... and keep freed CPU memory in the process instead of handing it back to the kernel after each step
-# (moon_fast/malloc_cache.py; $MOON_FAST_MALLOC_CACHE=0 turns it off).
-malloc_cache.apply_from_env()
 
 COMMANDS = ("env", "data", "train", "eval", "bench", "demo")
 

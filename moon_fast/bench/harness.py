@@ -29,8 +29,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from moon_fast import malloc_cache
-
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -160,8 +158,6 @@ def machine_info() -> dict:
         # CPU allocation: large temporaries are much cheaper with transparent huge pages (moon_fast/cli.py)
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "thp_mode": _thp_mode(),
-        # freed CPU memory kept in the process (moon_fast/malloc_cache.py), as moon-fast sets it
-        "malloc_cache": malloc_cache.applied(),
     }
 
 
@@ -363,5 +359,4 @@ def _worker(payload: str) -> None:
 
 
 if __name__ == "__main__":
-    malloc_cache.apply_from_env()  # as in the moon-fast process that started this one
     _worker(sys.argv[1])
