@@ -158,6 +158,8 @@ def machine_info() -> dict:
         # CPU allocation: large temporaries are much cheaper with transparent huge pages (moon_fast/cli.py)
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "thp_mode": _thp_mode(),
+        # the opt-in caching CPU allocator's cap in MiB, 0 = torch's own allocator (moon_fast/cpu_allocator.py)
+        "cpu_cache_mb": os.environ.get("MOON_FAST_CPU_CACHE_MB") or "0",
     }
 
 
@@ -359,4 +361,7 @@ def _worker(payload: str) -> None:
 
 
 if __name__ == "__main__":
+    from moon_fast import cpu_allocator
+
+    cpu_allocator.apply_from_env()  # as in the moon-fast process that started this one
     _worker(sys.argv[1])

@@ -76,7 +76,8 @@ def run_interleaved(args, cases, warmup: int, backends: list[str] | None) -> int
     groups = interleaved.run_groups(cases, rounds=args.interleave, warmup=warmup, on_group=save)
     table = interleaved.format_table(groups)
     with open(os.path.join(args.output, "interleaved.md"), "w") as f:
-        f.write(f"{machine['device']} ({machine['host_cpu']}, {machine['host_cpu_isa']}, {machine['cpu_threads']} threads), torch "
+        f.write(f"{machine['device']} ({machine['host_cpu']}, {machine['host_cpu_isa']}, {machine['cpu_threads']} threads, "
+                f"CPU cache {machine['cpu_cache_mb']} MiB), torch "
                 f"{machine['torch']}, commit {machine['commit']}, {machine['date']}; {args.interleave} rounds\n\n"
                 + table + "\n")
     print(table)
