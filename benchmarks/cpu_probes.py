@@ -22,19 +22,21 @@
   times, with weights packed beforehand by oneDNN (``torch.ops.mkldnn._linear_pointwise``), and as one call.
   The packing itself is timed too. 7 interleaved rounds, medians.
 * torch-floor: whether the ``torch`` backend can reach issue 4's bf16 CPU target (1.25x ``dense_gemm``) at the
-  headline shape. Interleaved (9 rounds, medians, huge pages on as ``moon-fast`` sets them; glibc kept freed
-  memory where ``CPU_PROBES_KEEP_FREED=1``, see malloc-cache): ``dense_gemm``,
+  headline shape. Interleaved (9 rounds, medians, process settings as ``moon-fast`` makes them, with the
+  caching allocator where ``MOON_FAST_CPU_CACHE_MB`` is set; glibc keeping freed memory where
+  ``CPU_PROBES_KEEP_FREED=1``, see malloc-cache): ``dense_gemm``,
   ``grouped_gemm_floor`` (the six grouped GEMMs the ``torch`` backend runs, nothing else), the ``torch``
   backend, and a plain bf16 copy of (8192 x 1024), this machine's memory bandwidth for a pass. The floor adds
   to the grouped GEMMs the least memory traffic the work around them needs (``TORCH_DISPATCH_MIB``: each
   tensor read or written once, every pass fused) at the copy's bandwidth.
-* malloc-cache: what large CPU temporaries cost in page faults, and why glibc settings are not the fix. A
-  child process may set glibc's malloc to keep freed memory (``mallopt``: no mmap for large blocks, no
-  trimming; ``CPU_PROBES_KEEP_FREED=1``). (1) The headline MoE step (fp32 and bf16; the ``torch`` and ``cpu``
-  backends and ``dense_gemm``), huge pages on, without and with the setting: per step, the median time, minor
-  page faults and system (kernel) time over 9 steps after 2 untimed ones, and the process's peak RSS. (2) Eight
+* malloc-cache: what large CPU temporaries cost in page faults, and what removes them. Three settings, each in
+  its own processes: torch's allocator as is; glibc's malloc set to keep freed memory (``mallopt``: no mmap for
+  large blocks, no trimming; ``CPU_PROBES_KEEP_FREED=1``); our caching CPU allocator
+  (``MOON_FAST_CPU_CACHE_MB=4096``, moon_fast/cpu_allocator.py). (1) The headline MoE step (fp32 and bf16; the
+  ``torch`` and ``cpu`` backends and ``dense_gemm``), huge pages on: per step, the median time, minor page
+  faults and system (kernel) time over 9 steps after 2 untimed ones, and the process's peak RSS. (2) Eight
   rounds of a 64 MiB tensor freed after a small tensor that stays alive was allocated: page faults per round
-  and how much the data segment grew, three processes each way. With the setting, glibc 2.36's
+  and how much the data segment grew, three processes each. With glibc's setting, glibc 2.36's
   ``posix_memalign`` (which torch uses) cannot reuse the freed exact-size block, so the heap can grow every
   round.
 * moe-profile: per-op CPU time of two forward+backward steps of ``moe_mlp`` (``--backend`` torch or cpu) at the
@@ -75,7 +77,13 @@ if os.environ.get("CPU_PROBES_KEEP_FREED") == "1":
     assert _libc.mallopt(-4, 0) == 1 and _libc.mallopt(-1, 2**31 - 1) == 1
 """
 
-_MOE_STEPS = _KEEP_FREED + """
+# ... or our caching CPU allocator, where MOON_FAST_CPU_CACHE_MB is set (moon_fast/cpu_allocator.py)
+_CACHING_ALLOCATOR = """
+from moon_fast import cpu_allocator
+cpu_allocator.apply_from_env()
+"""
+
+_MOE_STEPS = _KEEP_FREED + _CACHING_ALLOCATOR + """
 import os, resource, statistics, sys, time
 import torch
 from moon_fast.bench import moe
@@ -97,7 +105,7 @@ print(f"{statistics.median(ts) * 1e3:7.0f} ms  {statistics.median(faults):6.0f} 
       f"{max(system) * 1e3:.0f} ms)  peak RSS {peak:5.0f} MiB")
 """
 
-_HEAP_GROWTH = _KEEP_FREED + """
+_HEAP_GROWTH = _KEEP_FREED + _CACHING_ALLOCATOR + """
 import resource
 import torch
 def data_mib():
@@ -115,10 +123,11 @@ print(f"page faults per round {faults}; data segment grew {data_mib() - start} M
 
 
 def _as_moon_fast() -> None:
-    """The process setting ``moon-fast`` makes (moon_fast/cli.py): huge pages, before torch allocates; and
-    glibc keeping freed memory where CPU_PROBES_KEEP_FREED=1 (see malloc-cache)."""
+    """The process settings ``moon-fast`` makes (moon_fast/cli.py): huge pages, before torch allocates, and the
+    caching CPU allocator where MOON_FAST_CPU_CACHE_MB is set; and glibc keeping freed memory where
+    CPU_PROBES_KEEP_FREED=1 (see malloc-cache)."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    exec(_KEEP_FREED, {})
+    exec(_KEEP_FREED + _CACHING_ALLOCATOR, {})
 
 
 def _child(code: str, *args: str, **env: str) -> str:
@@ -182,18 +191,22 @@ def _print_interleaved_medians(cases: dict, rounds: int) -> dict:
 TORCH_DISPATCH_MIB = (8 + 16) + (32 + 16) + (16 + 8) + (8 + 16) + (16 + 32 + 32 + 16) + (16 + 8) + (16 + 8)
 
 
+# (label, environment): torch's allocator as is; glibc keeping freed memory; our caching allocator (4 GiB cap)
+_ALLOCATOR_SETTINGS = (("torch's allocator", {}), ("glibc keeps freed", {"CPU_PROBES_KEEP_FREED": "1"}),
+                       ("caching allocator", {"MOON_FAST_CPU_CACHE_MB": "4096"}))
+
+
 def malloc_cache() -> None:
     print("(1) moe_mlp forward+backward, T=4096, H=I=1024, E=8, k=2, THP_MEM_ALLOC_ENABLE=1; one process per line")
     for dtype in ("fp32", "bf16"):
         for backend in ("torch", "cpu", "dense_gemm"):
-            for flag in ("0", "1"):
-                line = _child(_MOE_STEPS, dtype, backend, THP_MEM_ALLOC_ENABLE="1", CPU_PROBES_KEEP_FREED=flag)
-                print(f"{dtype:4s} {backend:10s} CPU_PROBES_KEEP_FREED={flag}: {line}", flush=True)
+            for label, env in _ALLOCATOR_SETTINGS:
+                line = _child(_MOE_STEPS, dtype, backend, THP_MEM_ALLOC_ENABLE="1", **env)
+                print(f"{dtype:4s} {backend:10s} {label:18s}: {line}", flush=True)
     print("(2) 8 rounds: a 64 MiB tensor, then a small one kept alive, then the large one freed; THP on")
-    for flag in ("0", "1"):
+    for label, env in _ALLOCATOR_SETTINGS:
         for _ in range(3):
-            line = _child(_HEAP_GROWTH, THP_MEM_ALLOC_ENABLE="1", CPU_PROBES_KEEP_FREED=flag)
-            print(f"CPU_PROBES_KEEP_FREED={flag}: {line}", flush=True)
+            print(f"{label:18s}: {_child(_HEAP_GROWTH, THP_MEM_ALLOC_ENABLE='1', **env)}", flush=True)
 
 
 def torch_floor() -> None:
