@@ -22,41 +22,21 @@ def _run(code: str, **env: str) -> str:
     return proc.stdout.strip()
 
 
-# 8 rounds: a 64 MiB tensor, a small tensor kept alive after it, the large one freed. Prints the page faults
-# of rounds 2-8, how much the data segment grew, and the allocator's stats.
-_ROUNDS = """
-    import resource, sys
-    import torch
-    from moon_fast import cpu_allocator
-    if sys.argv[1] == "1":
-        cpu_allocator.enable(1024)
-    def data_mib():
-        with open("/proc/self/status") as f:
-            return int(f.read().split("VmData:")[1].split()[0]) // 1024
-    keep, faults, start = [], [], data_mib()
-    for _ in range(8):
-        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        x = torch.empty(16 * 1024 * 1024); x.fill_(1.0)
-        keep.append(torch.empty(1024))
-        del x
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
-    s = cpu_allocator.stats() if sys.argv[1] == "1" else None
-    print(max(faults[1:]), data_mib() - start, s.hits if s else -1)
-"""
-
-
 def test_freed_large_blocks_are_reused_without_page_faults_or_heap_growth():
-    def rounds(flag):
-        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_ROUNDS), flag], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "THP_MEM_ALLOC_ENABLE": "1"})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return [int(v) for v in proc.stdout.split()]
+    """benchmarks/cpu_probes.py's heap-growth rounds (a 64 MiB tensor, a small tensor kept alive after it, the
+    large one freed; 8 rounds), with torch's allocator and with the caching one."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    import cpu_probes
 
-    faults_off, _, _ = rounds("0")
-    faults_on, grew_on, hits = rounds("1")
+    def rounds(**env):
+        out = _run(cpu_probes._HEAP_GROWTH, **env)  # "page faults per round [..]; data segment grew N MiB"
+        faults = [int(v) for v in out.split("[")[1].split("]")[0].split(",")]
+        return max(faults[1:]), int(out.split("grew ")[1].split()[0])
+
+    faults_off, _ = rounds()
+    faults_on, grew_on = rounds(MOON_FAST_CPU_CACHE_MB="1024")
     assert faults_off >= 32, faults_off  # torch's allocator: 64 MiB faulted in again every round
     assert faults_on < 16, faults_on
-    assert hits == 7  # rounds 2-8 from the cache
     assert grew_on < 64 + 32, grew_on  # one cached block, not one per round (glibc with mmap off: 201 MiB)
 
 
