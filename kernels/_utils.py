@@ -12,6 +12,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+if interpreting():  # the interpreter truncates fp32 -> bf16; round to nearest-even as a GPU does
+    from moon_fast.kernels._interpreter_rounding import install as _round_bf16_as_a_gpu_does
+
+    _round_bf16_as_a_gpu_does()
+
+
 def compute_dtype_for(dtype: torch.dtype):
     """The dtype a kernel should do arithmetic in.
 

@@ -11,7 +11,7 @@ import torch
 
 from moon_fast.ops import moe_mlp
 from moon_fast.ops.moe import BACKENDS
-from tests.utils import DTYPES, assert_close, poison_, tolerance
+from tests.utils import DTYPES, assert_close, case_seed, poison_, tolerance
 
 # (name, T, H, I, E, k, routing): H and I deliberately not multiples of tiles (16/32) nor of 8.
 CASES = [
@@ -114,11 +114,37 @@ def _skip_unavailable(backend):
 def test_backend_matches_reference(backend, case, dtype):
     _skip_unavailable(backend)
     _, t, h, i, e, k, routing = case
-    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=hash(case) % 1000)
+    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=case_seed(case))
     ref32 = run("reference", tensors, idx, grad_out)
     ref_lp = run("reference", tensors, idx, grad_out, dtype)
     got = run(backend, tensors, idx, grad_out, dtype)
     check_against_fp32_oracle(got, ref_lp, ref32, dtype)
+
+
+# The max-error rule above is loose at those shapes (a handful of elements per tensor, plus a floor): a systematic
+# extra rounding passes it. Over thousands of elements the RMS error tells one apart: Triton's interpreter
+# truncating fp32 -> bf16 (kernels/_interpreter_rounding.py) put the Triton backend's RMS error at 1.6-2.3x the
+# bf16 reference's, while every backend that rounds as the reference does stays at 0.84-1.02x (5 seeds each).
+RMS_CASE = ("rms", 96, 64, 48, 4, 2, "random")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_low_precision_rms_error_no_worse_than_reference(backend, dtype):
+    _skip_unavailable(backend)
+    _, t, h, i, e, k, routing = RMS_CASE
+    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=case_seed((RMS_CASE, dtype)))
+    ref32 = run("reference", tensors, idx, grad_out)
+    ref_lp = run("reference", tensors, idx, grad_out, dtype)
+    got = run(backend, tensors, idx, grad_out, dtype)
+
+    def rms(x):
+        return x.float().pow(2).mean().sqrt().item()
+
+    for name, g, r_lp, r32 in zip(NAMES, got, ref_lp, ref32):
+        err, ref_err = rms(g.float() - r32), rms(r_lp.float() - r32)
+        assert err <= 1.25 * ref_err, (f"{name} {dtype}: RMS error {err:.3g} against the fp32 reference is "
+                                       f"{err / ref_err:.2f}x the {dtype} reference's own ({ref_err:.3g}); at most 1.25x")
 
 
 SPLIT_CASES = [c for c in CASES if c[0] in ("one_token", "one_expert", "k4", "empty_expert", "many_rows_per_expert")]
@@ -143,7 +169,7 @@ def test_triton_split_swiglu_backward_matches_reference(case, dtype, monkeypatch
     monkeypatch.setattr(moe_triton, "swiglu_backward", recording_split_pass)
     monkeypatch.setenv(moe_triton.SWIGLU_BWD_ENV, "split")
     _, t, h, i, e, k, routing = case
-    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=hash(case) % 1000)
+    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=case_seed(case))
     ref32 = run("reference", tensors, idx, grad_out)
     ref_lp = run("reference", tensors, idx, grad_out, dtype)
     got = run("triton", tensors, idx, grad_out, dtype)
@@ -198,7 +224,7 @@ def test_triton_tma_operands_match_reference(case, dtype, swiglu_bwd, monkeypatc
     monkeypatch.setenv(moe_triton.TMA_ENV, "1")
     monkeypatch.setenv(moe_triton.SWIGLU_BWD_ENV, swiglu_bwd)
     _, t, h, i, e, k, routing = case
-    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=hash(case) % 1000)
+    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=case_seed(case))
     ref32 = run("reference", tensors, idx, grad_out)
     ref_lp = run("reference", tensors, idx, grad_out, dtype)
     got = run("triton", tensors, idx, grad_out, dtype)
@@ -278,7 +304,7 @@ def test_backend_matches_reference_on_cuda(backend, case, dtype):
         pytest.skip(f"{backend}: package not installed on this GPU machine: {reason}")
     assert reason is None, f"{backend} should run on a CUDA GPU: {reason}"
     _, t, h, i, e, k, routing = case
-    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=hash(case) % 1000)
+    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=case_seed(case))
     tensors, idx, grad_out = [x.cuda() for x in tensors], idx.cuda(), grad_out.cuda()
     ref32 = run("reference", tensors, idx, grad_out)
     ref_lp = run("reference", tensors, idx, grad_out, dtype)
