@@ -148,7 +148,8 @@ def _ptxas_usage(log: str) -> tuple[int, int]:
 def compile_recorded(arch: int) -> list[dict]:
     """Compiles each distinct recorded launch for sm_``arch``; prints one line per compiled kernel and
     returns {"name", "flags" (constexpr arguments), "shared" (bytes), "regs" (per thread), "spills" (spill
-    store bytes), "tma_copies" (TMA loads in the TTGIR), "aligned" (every pointer and int argument
+    store bytes), "tma_copies" (TMA loads in the TTGIR), "wgmma" (Hopper warp-group MMAs in the TTGIR),
+    "wgmma_in_flight" (the most MMA groups a wait leaves running), "aligned" (every pointer and int argument
     16-divisible)} for each. Fails if a kernel does
     not compile or needs more shared memory than the GPU has. Call it with an empty Triton cache: a cached
     kernel has no ptxas report."""
@@ -186,12 +187,22 @@ def compile_recorded(arch: int) -> list[dict]:
         int_or_ptr = [i for i, ty in enumerate(signature.values()) if ty.startswith(("*", "i"))]
         aligned = all(attrs.get((i,)) for i in int_or_ptr)
         # TMA loads issued asynchronously into shared memory (Hopper): what descriptor loads should become
-        tma = compiled.asm["ttgir"].count("ttng.async_tma_copy_global_to_local")
+        ttgir = compiled.asm["ttgir"]
+        tma = ttgir.count("ttng.async_tma_copy_global_to_local")
+        # Hopper's asynchronous tensor-core MMA (wgmma), and how many of its groups a wait leaves in flight:
+        # 0 means every K step waits for its own MMA before issuing the next loads' math
+        wgmma = ttgir.count("ttng.warp_group_dot ")
+        wgmma_in_flight = max((int(n) for n in re.findall(r"pendings = (\d+)", ttgir)), default=0)
+        # register-layout changes, each a round trip through shared memory (e.g. between the MMA's accumulator
+        # layout and the coalesced layout of an epilogue's loads and stores)
+        converts = ttgir.count("ttg.convert_layout")
         print("compiled", f"sm_{arch}", kern.__name__, flags, f"warps={options.num_warps}",
               f"stages={options.num_stages}", f"smem={shared}", f"regs={regs}", f"spill_stores={spills}",
-              f"tma_copies={tma}", "aligned" if aligned else "unaligned", flush=True)
+              f"tma_copies={tma}", f"wgmma={wgmma}", f"wgmma_in_flight={wgmma_in_flight}",
+              f"layout_converts={converts}", "aligned" if aligned else "unaligned", flush=True)
         compiled_kernels.append({"name": kern.__name__, "flags": flags, "shared": shared, "regs": regs,
-                                 "spills": spills, "tma_copies": tma, "aligned": aligned})
+                                 "spills": spills, "tma_copies": tma, "wgmma": wgmma,
+                                 "wgmma_in_flight": wgmma_in_flight, "aligned": aligned})
     return compiled_kernels
 
 

@@ -1,8 +1,8 @@
 """The MoE Triton kernels compile for real GPUs (sm_80, sm_90) as the JIT would compile the launches the op
 really makes, offline (tests/aot_triton.py: no GPU needed). No GPU has run these kernels; the interpreter
 tests check their logic, this checks what only a GPU compile sees: dot operand types and shapes, shared
-memory, that the aligned (fast-path) GEMM loops are software pipelined, and that no launch spills registers
-(aligned widths or not)."""
+memory, that the aligned (fast-path) GEMM loops are software pipelined, that 16-bit GEMMs use Hopper's
+asynchronous wgmma on sm_90, and that no launch spills registers (aligned widths or not)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,11 @@ def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, tmp_path):
             elem = 4 if flags["COMPUTE"] == "fp32" else 2
             one_stage = (flags["BM"] + b_tiles * flags["BN"]) * flags["BK"] * elem
             assert kern["shared"] > one_stage, kern
+        if arch >= 90 and flags["COMPUTE"] != "fp32" and kern["aligned"]:
+            # 16-bit dots on Hopper: asynchronous warp-group MMAs (wgmma), the next K step's issued while one
+            # runs. (With unaligned widths some launches wait on every MMA: their masked element-wise loads
+            # are not pipelined either; see above.)
+            assert kern["wgmma"] >= 1 and kern["wgmma_in_flight"] >= 1, kern
         # Accumulators stay in registers: a spill would cost every K step. Widths that are not multiples of 16
         # (the unaligned specialisation: element-wise masked loads) get their own tiles for this
         # (kernels/moe.py _UNALIGNED_TILES).
