@@ -92,7 +92,7 @@ class MoeLaunches:
         w_sorted = weight.reshape(-1).index_select(0, r.perm)
         w_up, w_down = _forward_weights(gate_up, down)
         h_act, gu = swiglu_up(self.plan, hidden, w_up, store_gu=True)
-        _, dgu = grouped_rows(self.plan, "dh_swiglu", grad, down, i, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
+        wh, dgu = grouped_rows(self.plan, "dh_swiglu", grad, down, i, a_idx=r.token, a_scale=w_sorted, swiglu_gu=gu)
         self.saved = {"w_sorted": w_sorted, "gu": gu, "h": h_act, "dgu": dgu}
         s = t * k
         rnd = lambda *shape: torch.randn(*shape, dtype=dtype, device=dev)  # noqa: E731
@@ -105,14 +105,14 @@ class MoeLaunches:
             "dh_swiglu": Launch(lambda p: grouped_rows(p, "dh_swiglu", grad, down, i, a_idx=r.token,
                                                        a_scale=w_sorted, swiglu_gu=gu),
                                 lambda: d2 @ w2.t(), 2 * s * h * i),
-            "wgrad_down": Launch(lambda p: grouped_wgrad(p, "wgrad_down", grad, h_act, a_idx=r.token,
-                                                         a_scale=w_sorted), lambda: a1.t() @ d2, 2 * s * h * i),
+            "wgrad_down": Launch(lambda p: grouped_wgrad(p, "wgrad_down", grad, wh, a_idx=r.token),
+                                 lambda: a1.t() @ d2, 2 * s * h * i),
             "wgrad_gate_up": Launch(lambda p: grouped_wgrad(p, "wgrad_gate_up", dgu, hidden, b_idx=r.token),
                                     lambda: x.t() @ d1, 2 * s * h * 2 * i),
             "dx": Launch(lambda p: grouped_rows(p, "dx", dgu, gate_up, h, c_idx=r.perm), lambda: d1 @ w1.t(),
                          2 * s * h * 2 * i),
             "dh": Launch(lambda p: swiglu_backward(grouped_rows(p, "dh", grad, down, i, a_idx=r.token,
-                                                                a_scale=w_sorted), gu),
+                                                                a_scale=w_sorted), gu, w_sorted),
                          lambda: d2 @ w2.t(), 2 * s * h * i),
         }
 

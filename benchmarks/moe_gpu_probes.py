@@ -61,10 +61,10 @@ def main(argv=None) -> int:
     def split_torch():
         dh = plain()
         g = F.silu(gu[:, :i])
-        return g * gu[:, i:], swiglu_backward(dh, gu, silu_gate=g)
+        return g * gu[:, i:] * w_sorted[:, None], swiglu_backward(dh, gu, silu_gate=g)  # h as the kernels give it
 
     def split_one_pass():
-        return one_pass(plain(), gu)
+        return one_pass(plain(), gu, w_sorted)
 
     (h1, d1), (h2, d2), (h3, d3) = fused(), split_torch(), split_one_pass()
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     dh = plain()
     print(f"split-swiglu T={t}: fused {device_ms(fused):.3f} ms, split with torch {device_ms(split_torch):.3f} ms, "
           f"split with the one pass {device_ms(split_one_pass):.3f} ms (the pass alone "
-          f"{device_ms(lambda: one_pass(dh, gu)):.3f} ms), plain GEMM alone {device_ms(plain):.3f} ms, "
+          f"{device_ms(lambda: one_pass(dh, gu, w_sorted)):.3f} ms), plain GEMM alone {device_ms(plain):.3f} ms, "
           f"dense {device_ms(dh_swiglu.dense):.3f} ms", flush=True)
 
     small = torch.randn(64, 64, device=args.device)

@@ -11,10 +11,11 @@ Kernels (shapes above each):
   pre-activation for the backward.
 * ``_grouped_rows_kernel``: C = (scale * A[a_idx]) @ B[e] per row tile, with optional row gather and
   scale on A, optional scatter of C rows (to slot order: a permutation, so no atomics), or the SwiGLU
-  backward in the epilogue (dgate, dup and the recomputed h). With ``$MOON_FAST_MOE_SWIGLU_BWD=split``
+  backward in the epilogue (dgate, dup and the recomputed h, scaled by the routing weights). With ``$MOON_FAST_MOE_SWIGLU_BWD=split``
   the dh GEMM stores plain dh and kernels/moe_swiglu.py's one elementwise pass does the SwiGLU backward.
-* ``_grouped_wgrad_kernel``: dW[e] = (scale * A[a_idx])^T B[b_idx] over expert e's rows (zero when it has
-  none): the weight gradients.
+* ``_grouped_wgrad_kernel``: dW[e] = A[a_idx]^T B[b_idx] over expert e's rows (zero when it has none): the
+  weight gradients. The routing weights that d down_proj needs come already multiplied into its B operand
+  (w * h, from the SwiGLU backward), so both A tiles go from shared memory into the MMA unchanged.
 The k contributions of each token are combined, and the routing weights' gradient computed, by one launch
 each (kernels/moe_combine.py: fp32 accumulation, deterministic). On a GPU moe_mlp leaves the expert-range
 check to the routing (moe_routing.assert_all_routed: 2 launches, where its own check takes 5). Counted on
@@ -312,12 +313,15 @@ def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
                         mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=PRECISION)
     if A_SCALE:  # diag(scale) A B = diag(scale) (A B): scale the accumulator rows once, not every A tile
-        acc = acc * tl.load(a_scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        row_scale = tl.load(a_scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        acc = acc * row_scale[:, None]
+    else:
+        row_scale = tl.full((BM,), 1.0, tl.float32)
     omask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
-    if SWIGLU_BWD:
+    if SWIGLU_BWD:  # h is stored scaled by the rows' routing weights too (kernels/moe_swiglu.py)
         swiglu_backward_tile(acc, gu_ptr, dgu_ptr, rows64[:, None] * (2 * N) + cols[None, :], c_ptr,
-                             rows64[:, None] * stride_cm + cols[None, :], N, omask)
+                             rows64[:, None] * stride_cm + cols[None, :], row_scale[:, None], N, omask)
     else:
         if C_SCATTER:
             c_rows = tl.load(c_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
@@ -326,11 +330,11 @@ def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
         tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=omask)
 
 
-# C[e] (M, N) = sum over rows r of expert e of (scale[r] * A[a_row(r), :M])^T B[b_row(r), :N]
+# C[e] (M, N) = sum over rows r of expert e of A[a_row(r), :M]^T B[b_row(r), :N]
 @triton.jit
-def _grouped_wgrad_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, b_idx_ptr, c_ptr, bounds_ptr,
+def _grouped_wgrad_kernel(a_ptr, a_idx_ptr, b_ptr, b_idx_ptr, c_ptr, bounds_ptr,
                           M, N, stride_am, stride_bm, stride_ce,
-                          A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, B_GATHER: tl.constexpr,
+                          A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                           COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
     e = tl.program_id(0).to(tl.int64)
@@ -354,9 +358,6 @@ def _grouped_wgrad_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, b_idx_ptr, c_ptr
             b_rows = rs.to(tl.int64)
         at = tl.load(a_ptr + a_rows[None, :] * stride_am + ms[:, None], mask=mmask[:, None] & rmask[None, :],
                      other=0.0)
-        if A_SCALE:
-            scale = tl.load(a_scale_ptr + rs, mask=rmask, other=0.0).to(tl.float32)
-            at = at.to(tl.float32) * scale[None, :]
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + ns[None, :], mask=rmask[:, None] & nmask[None, :],
                     other=0.0)
         acc = tl.dot(at.to(COMPUTE), b.to(COMPUTE), acc, input_precision=PRECISION)
@@ -431,16 +432,16 @@ def grouped_rows(plan: _Plan, launch: str, a, b, n, *, a_idx=None, a_scale=None,
     return (c, dgu) if swiglu_gu is not None else c
 
 
-def grouped_wgrad(plan: _Plan, launch: str, a, b, *, a_idx=None, a_scale=None, b_idx=None):
-    """(E, M, N): per expert e, sum over its rows r of (a_scale[r] a[a_idx[r]])^T b[b_idx[r]]."""
+def grouped_wgrad(plan: _Plan, launch: str, a, b, *, a_idx=None, b_idx=None):
+    """(E, M, N): per expert e, sum over its rows r of a[a_idx[r]]^T b[b_idx[r]]."""
     m, n, e = a.shape[1], b.shape[1], plan.routing.num_experts
     c = _utils.new_output((e, m, n), a)
     opts = plan.launch_opts(launch)
     grid = (e, triton.cdiv(m, opts["BM"]), triton.cdiv(n, opts["BN"]))
     _grouped_wgrad_kernel[grid](
-        a, a_idx if a_idx is not None else plan.bounds, a_scale if a_scale is not None else a, b,
-        b_idx if b_idx is not None else plan.bounds, c, plan.bounds, m, n, a.stride(0), b.stride(0), c.stride(0),
-        A_GATHER=a_idx is not None, A_SCALE=a_scale is not None, B_GATHER=b_idx is not None, **opts)
+        a, a_idx if a_idx is not None else plan.bounds, b, b_idx if b_idx is not None else plan.bounds, c,
+        plan.bounds, m, n, a.stride(0), b.stride(0), c.stride(0),
+        A_GATHER=a_idx is not None, B_GATHER=b_idx is not None, **opts)
     return c
 
 
@@ -490,17 +491,17 @@ class MoeMlpTriton(torch.autograd.Function):
             d_weight = choice_weight_grad(y_slot, dout, _utils.new_output((t, k), expert_weight))
         if need_x or need_gu or need_down:
             w_sorted = expert_weight.reshape(-1).index_select(0, r.perm)
-            # dh = (w * dout[token]) @ down[e], turned into dgu (and h recomputed) by the GEMM's epilogue or,
-            # split, by one elementwise pass after it
+            # dh = (w * dout[token]) @ down[e], turned into dgu (and w * h, h recomputed) by the GEMM's
+            # epilogue or, split, by one elementwise pass after it
             if plan.swiglu_bwd == "split":
-                h, dgu = swiglu_backward(grouped_rows(plan, "dh", dout, down_proj, inter, a_idx=r.token,
-                                                      a_scale=w_sorted), gu)
+                wh, dgu = swiglu_backward(grouped_rows(plan, "dh", dout, down_proj, inter, a_idx=r.token,
+                                                       a_scale=w_sorted), gu, w_sorted)
             else:
-                h, dgu = grouped_rows(plan, "dh_swiglu", dout, down_proj, inter, a_idx=r.token,
-                                      a_scale=w_sorted, swiglu_gu=gu)
-            if need_down:
-                d_down = grouped_wgrad(plan, "wgrad_down", dout, h, a_idx=r.token, a_scale=w_sorted)
-            del h
+                wh, dgu = grouped_rows(plan, "dh_swiglu", dout, down_proj, inter, a_idx=r.token,
+                                       a_scale=w_sorted, swiglu_gu=gu)
+            if need_down:  # d down[e] = sum over e's rows of (w dout[token])^T h = dout[token]^T (w h)
+                d_down = grouped_wgrad(plan, "wgrad_down", dout, wh, a_idx=r.token)
+            del wh
             if need_gu:
                 d_gate_up = grouped_wgrad(plan, "wgrad_gate_up", dgu, hidden, b_idx=r.token)
             if need_x:

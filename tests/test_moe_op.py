@@ -162,9 +162,9 @@ def test_triton_split_swiglu_backward_matches_reference(case, dtype, monkeypatch
 
     calls = []
 
-    def recording_split_pass(dh, gu):
+    def recording_split_pass(dh, gu, h_scale):
         calls.append(tuple(dh.shape))
-        return split_pass(dh, gu)
+        return split_pass(dh, gu, h_scale)
 
     monkeypatch.setattr(moe_triton, "swiglu_backward", recording_split_pass)
     monkeypatch.setenv(moe_triton.SWIGLU_BWD_ENV, "split")

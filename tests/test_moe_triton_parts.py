@@ -126,24 +126,28 @@ def test_combine_and_choice_grad_match_torch(t, k, h, dtype, device):
 
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["h", "w_h"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows, inter", [(1, 1), (9, 300), (16, 256), (3, 7)])
-def test_swiglu_backward_pass_matches_autograd(rows, inter, dtype, device):
+def test_swiglu_backward_pass_matches_autograd(rows, inter, dtype, scaled, device):
     """kernels/moe_swiglu.py: (h, dgu) from (dh, gu) against fp64 autograd of h = silu(g) * u on the same
-    rounded inputs, within one rounding of the output dtype. 9 x 300 leaves partial blocks of 8 rows and 256
-    columns; the gate's tails (-120, 95) are where a careless silu' overflows or loses its 1."""
+    rounded inputs, within one rounding of the output dtype; with h_scale (the routing weights) h comes out
+    scaled row by row. 9 x 300 leaves partial blocks of 8 rows and 256 columns; the gate's tails (-120, 95)
+    are where a careless silu' overflows or loses its 1."""
     gen = torch.Generator().manual_seed(rows * 1000 + inter)
     gu = (torch.randn(rows, 2 * inter, generator=gen) * 3).to(dtype)
     gu[0, 0] = -120.0
     gu[-1, inter - 1] = 95.0
     dh = torch.randn(rows, inter, generator=gen).to(dtype)
+    w = torch.rand(rows, generator=gen).to(dtype)
     gu, dh = gu.to(device), dh.to(device)
-    h, dgu = swiglu_backward(dh, gu)
+    h, dgu = swiglu_backward(dh, gu, w.to(device) if scaled else None)
     g64 = gu.double().cpu().requires_grad_()
     h64 = torch.nn.functional.silu(g64[:, :inter]) * g64[:, inter:]
     h64.backward(dh.double().cpu())
+    want_h = h64.detach() * w.double()[:, None] if scaled else h64.detach()
     assert h.dtype == dgu.dtype == dtype
-    assert_close(h, h64.detach(), **tolerance(dtype), name="h")
+    assert_close(h, want_h, **tolerance(dtype), name="h")
     assert_close(dgu, g64.grad, **tolerance(dtype), name="dgu")
 
 
@@ -153,5 +157,7 @@ def test_swiglu_backward_pass_rejects_mismatched_inputs(device):
         swiglu_backward(dh, torch.zeros(4, 6, device=device))
     with pytest.raises(ValueError, match="one dtype"):
         swiglu_backward(dh, torch.zeros(4, 12, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match=r"h_scale must be contiguous \(S,\) = \(4,\)"):
+        swiglu_backward(dh, torch.zeros(4, 12, device=device), torch.ones(5, device=device))
     h, dgu = swiglu_backward(dh[:0], torch.zeros(0, 12, device=device))  # no rows: no launch, empty outputs
     assert h.shape == (0, 6) and dgu.shape == (0, 12)
