@@ -40,7 +40,7 @@ def swiglu_backward_tile(dh, gu_ptr, dgu_ptr, gu_offs, h_ptr, h_offs, h_scale, I
     silu = g * sig
     # Everything that needs only g and u first, then one multiply by dh per output. In the fused epilogue dh
     # is the MMA accumulator, in a register layout other than the loads': ordered so, the sm_90 compile of the
-    # dh GEMM converts 4 tiles between the two layouts instead of 5 and needs 174 registers instead of 226
+    # dh GEMM converts 4 tiles between the two layouts instead of 5 and needs 176-181 registers, not 226-228
     # (tests/aot_triton.py; not yet timed on a GPU).
     tl.store(h_ptr + h_offs, (silu * u * h_scale).to(h_ptr.dtype.element_ty), mask=mask)
     dg_factor = u * (sig + silu * (1.0 - sig))
