@@ -6,14 +6,14 @@
 #          ".peers"); skipped without them;
 #   tests  runs the tests that run on CUDA: the MoE backends and peers against the reference (gpu-marked),
 #          the Triton MoE modes, routing / combine kernels and launch counts, the Triton attention tests and
-#          the contrastive tests on the device fixture;
+#          the contrastive tests on the device fixture; then benchmarks/moe_precision.py (16-bit rounding);
 #   moe    counts the MoE op's launches per call (benchmarks/moe_launch_count.py), times the Triton MoE
 #          grouped GEMMs against dense cuBLAS and the grouped-GEMM peers (benchmarks/moe_gpu_gemm.py, issue
 #          4's target; with the SwiGLU backward fused and split, and TMA loads on Hopper) and the split's
 #          parts (moe_gpu_probes.py);
 #   bench  runs `moon-fast bench` at GPU sizes (contrastive, attention, moe, train) with what time is left.
 # Everything goes under $OUT (default gpu_results/): env.txt, build.log, peers.log, tests.log, junit.xml,
-# moe_launch_count.{log,csv,json}, moe_gpu_gemm.{log,csv,json}, moe_gpu_probes.log,
+# moe_precision.txt, moe_launch_count.{log,csv,json}, moe_gpu_gemm.{log,csv,json}, moe_gpu_probes.log,
 # bench/{results.csv,results.json,report.md}, summary.txt (appended to by each call).
 #
 #   bash benchmarks/gpu_check.sh                                # all steps, from the repository root
@@ -137,6 +137,9 @@ elif $PY -c "import pytest" 2>/dev/null; then
     --junitxml="$OUT/junit.xml" $TESTS > "$OUT/tests.log" 2>&1
   rc=$?
   say "tests: rc $rc; $(tail -n 1 "$OUT/tests.log")"
+  # the compiled kernels' 16-bit rounding against the reference's (the interpreter's was mended on the CPU)
+  [[ $DRY == 1 ]] || { timeout 45 $PY benchmarks/moe_precision.py --seeds 3 --out "$OUT/moe_precision.txt" \
+    > "$OUT/moe_precision.log" 2>&1; say "moe_precision: rc $?"; }
 else
   say "pytest is not installed (put its wheel in $WHEELS): tests skipped"
 fi

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-BACKENDS = ("torch", "cpu", "grouped_mm", "triton", "cuda_emu")
+BACKENDS = ("torch", "cpu", "grouped_mm", "triton", "cuda", "cuda_emu")  # those that run on the device
 
 
 def main(argv=None) -> int:
@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="also write the report here")
     args = p.parse_args(argv)
     if args.interpreter_truncates:
+        if "moon_fast.kernels._utils" in sys.modules:
+            p.error("--interpreter-truncates needs a fresh process: the kernels were imported already")
         import moon_fast.kernels._interpreter_rounding as rounding
 
         rounding.install = lambda: None  # before anything imports kernels/_utils.py

@@ -90,3 +90,20 @@ def test_launch_count_writes_its_rows(tmp_path):
         (b, p) for b in ("triton", "torch", "grouped_mm") for p in ("forward", "backward")]
     triton_total = sum(int(r["launches"]) for r in rows if r["backend"] == "triton")
     assert triton_total == 17 and all(r["torch"] == torch.__version__ for r in rows)
+
+
+def test_moe_precision_report(tmp_path):
+    """benchmarks/moe_precision.py (gpu_check.sh runs it on a GPU): one ratio pair per backend, output and
+    gradient that runs here, each a finite number near 1 with the interpreter's rounding mended."""
+    import re
+
+    import moe_precision
+
+    out = tmp_path / "precision.txt"
+    assert moe_precision.main(["--seeds", "1", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if not line.startswith("#")]
+    backends = {line.split()[1] for line in rows}
+    assert backends == {"torch", "cpu", "grouped_mm", "triton", "cuda_emu"}, backends
+    assert len(rows) == 2 * len(backends)  # fp16 and bf16
+    ratios = [float(x) for line in rows for x in re.findall(r" (\d+\.\d+)/", line)]
+    assert len(ratios) == 5 * len(rows) and all(0.5 < r < 1.25 for r in ratios), rows
