@@ -29,10 +29,11 @@
   backend, and a plain bf16 copy of (8192 x 1024), this machine's memory bandwidth for a pass. The floor adds
   to the grouped GEMMs the least memory traffic the work around them needs (``TORCH_DISPATCH_MIB``: each
   tensor read or written once, every pass fused) at the copy's bandwidth.
-* malloc-cache: what large CPU temporaries cost in page faults, and what removes them. Three settings, each in
+* malloc-cache: what large CPU temporaries cost in page faults, and what removes them. The settings, each in
   its own processes: torch's allocator as is; glibc's malloc set to keep freed memory (``mallopt``: no mmap for
   large blocks, no trimming; ``CPU_PROBES_KEEP_FREED=1``); our caching CPU allocator
-  (``MOON_FAST_CPU_CACHE_MB=4096``, moon_fast/cpu_allocator.py). (1) The headline MoE step (fp32 and bf16; the
+  (``MOON_FAST_CPU_CACHE_MB=4096``, moon_fast/cpu_allocator.py); and jemalloc and tcmalloc preloaded where
+  installed. (1) The headline MoE step (fp32 and bf16; the
   ``torch`` and ``cpu`` backends and ``dense_gemm``), huge pages on: per step, the median time, minor page
   faults and system (kernel) time over 9 steps after 2 untimed ones, and the process's peak RSS. (2) Eight
   rounds of a 64 MiB tensor freed after a small tensor that stays alive was allocated: page faults per round
@@ -191,20 +192,29 @@ def _print_interleaved_medians(cases: dict, rounds: int) -> dict:
 TORCH_DISPATCH_MIB = (8 + 16) + (32 + 16) + (16 + 8) + (8 + 16) + (16 + 32 + 32 + 16) + (16 + 8) + (16 + 8)
 
 
-# (label, environment): torch's allocator as is; glibc keeping freed memory; our caching allocator (4 GiB cap)
+# (label, environment): torch's allocator as is; glibc keeping freed memory; our caching allocator (4 GiB cap);
+# and, where their Debian packages are installed (libjemalloc2, libtcmalloc-minimal4), jemalloc and tcmalloc in
+# place of glibc's malloc (LD_PRELOAD), the usual advice for torch on CPUs.
 _ALLOCATOR_SETTINGS = (("torch's allocator", {}), ("glibc keeps freed", {"CPU_PROBES_KEEP_FREED": "1"}),
                        ("caching allocator", {"MOON_FAST_CPU_CACHE_MB": "4096"}))
+_PRELOADS = (("jemalloc", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+             ("tcmalloc", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"))
+
+
+def _allocator_settings() -> list[tuple[str, dict]]:
+    preloads = [(f"{name} (LD_PRELOAD)", {"LD_PRELOAD": path}) for name, path in _PRELOADS if os.path.exists(path)]
+    return list(_ALLOCATOR_SETTINGS) + preloads
 
 
 def malloc_cache() -> None:
     print("(1) moe_mlp forward+backward, T=4096, H=I=1024, E=8, k=2, THP_MEM_ALLOC_ENABLE=1; one process per line")
     for dtype in ("fp32", "bf16"):
         for backend in ("torch", "cpu", "dense_gemm"):
-            for label, env in _ALLOCATOR_SETTINGS:
+            for label, env in _allocator_settings():
                 line = _child(_MOE_STEPS, dtype, backend, THP_MEM_ALLOC_ENABLE="1", **env)
                 print(f"{dtype:4s} {backend:10s} {label:18s}: {line}", flush=True)
     print("(2) 8 rounds: a 64 MiB tensor, then a small one kept alive, then the large one freed; THP on")
-    for label, env in _ALLOCATOR_SETTINGS:
+    for label, env in _allocator_settings():
         for _ in range(3):
             print(f"{label:18s}: {_child(_HEAP_GROWTH, THP_MEM_ALLOC_ENABLE='1', **env)}", flush=True)
 

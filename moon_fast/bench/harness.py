@@ -161,6 +161,8 @@ def machine_info() -> dict:
         "thp_mode": _thp_mode(),
         # the opt-in caching CPU allocator's cap in MiB, 0 = torch's own allocator (moon_fast/cpu_allocator.py)
         "cpu_cache_mb": os.environ.get("MOON_FAST_CPU_CACHE_MB") or "0",
+        # a malloc put in place of glibc's (e.g. tcmalloc, jemalloc), which changes CPU timings as much
+        "ld_preload": os.path.basename(os.environ.get("LD_PRELOAD", "")) or None,
     }
 
 
