@@ -22,18 +22,18 @@
   times, with weights packed beforehand by oneDNN (``torch.ops.mkldnn._linear_pointwise``), and as one call.
   The packing itself is timed too. 7 interleaved rounds, medians.
 * torch-floor: whether the ``torch`` backend can reach issue 4's bf16 CPU target (1.25x ``dense_gemm``) at the
-  headline shape. Interleaved (9 rounds, medians, process settings as ``moon-fast`` makes them, with the
-  caching allocator where ``MOON_FAST_CPU_CACHE_MB`` is set; glibc keeping freed memory where
-  ``CPU_PROBES_KEEP_FREED=1``, see malloc-cache): ``dense_gemm``,
+  headline shape. Interleaved (9 rounds, medians, process settings as ``moon-fast`` makes them; glibc keeping
+  freed memory where ``CPU_PROBES_KEEP_FREED=1``, see malloc-cache; run it under LD_PRELOAD for another
+  malloc): ``dense_gemm``,
   ``grouped_gemm_floor`` (the six grouped GEMMs the ``torch`` backend runs, nothing else), the ``torch``
   backend, and a plain bf16 copy of (8192 x 1024), this machine's memory bandwidth for a pass. The floor adds
   to the grouped GEMMs the least memory traffic the work around them needs (``TORCH_DISPATCH_MIB``: each
   tensor read or written once, every pass fused) at the copy's bandwidth.
 * malloc-cache: what large CPU temporaries cost in page faults, and what removes them. The settings, each in
   its own processes: torch's allocator as is; glibc's malloc set to keep freed memory (``mallopt``: no mmap for
-  large blocks, no trimming; ``CPU_PROBES_KEEP_FREED=1``); our caching CPU allocator
-  (``MOON_FAST_CPU_CACHE_MB=4096``, moon_fast/cpu_allocator.py); and jemalloc and tcmalloc preloaded where
-  installed. (1) The headline MoE step (fp32 and bf16; the
+  large blocks, no trimming; ``CPU_PROBES_KEEP_FREED=1``); and jemalloc and tcmalloc in place of glibc's
+  malloc (``LD_PRELOAD``), where installed. (Until commit 806dd60 it also measured our own caching CPU
+  allocator, removed since: tcmalloc did the same, see the README.) (1) The headline MoE step (fp32 and bf16; the
   ``torch`` and ``cpu`` backends and ``dense_gemm``), huge pages on: per step, the median time, minor page
   faults and system (kernel) time over 9 steps after 2 untimed ones, and the process's peak RSS. (2) Eight
   rounds of a 64 MiB tensor freed after a small tensor that stays alive was allocated: page faults per round
@@ -78,13 +78,7 @@ if os.environ.get("CPU_PROBES_KEEP_FREED") == "1":
     assert _libc.mallopt(-4, 0) == 1 and _libc.mallopt(-1, 2**31 - 1) == 1
 """
 
-# ... or our caching CPU allocator, where MOON_FAST_CPU_CACHE_MB is set (moon_fast/cpu_allocator.py)
-_CACHING_ALLOCATOR = """
-from moon_fast import cpu_allocator
-cpu_allocator.apply_from_env()
-"""
-
-_MOE_STEPS = _KEEP_FREED + _CACHING_ALLOCATOR + """
+_MOE_STEPS = _KEEP_FREED + """
 import os, resource, statistics, sys, time
 import torch
 from moon_fast.bench import moe
@@ -106,7 +100,7 @@ print(f"{statistics.median(ts) * 1e3:7.0f} ms  {statistics.median(faults):6.0f} 
       f"{max(system) * 1e3:.0f} ms)  peak RSS {peak:5.0f} MiB")
 """
 
-_HEAP_GROWTH = _KEEP_FREED + _CACHING_ALLOCATOR + """
+_HEAP_GROWTH = _KEEP_FREED + """
 import resource
 import torch
 def data_mib():
@@ -124,11 +118,10 @@ print(f"page faults per round {faults}; data segment grew {data_mib() - start} M
 
 
 def _as_moon_fast() -> None:
-    """The process settings ``moon-fast`` makes (moon_fast/cli.py): huge pages, before torch allocates, and the
-    caching CPU allocator where MOON_FAST_CPU_CACHE_MB is set; and glibc keeping freed memory where
-    CPU_PROBES_KEEP_FREED=1 (see malloc-cache)."""
+    """The process settings ``moon-fast`` makes (moon_fast/cli.py): huge pages, before torch allocates; and
+    glibc keeping freed memory where CPU_PROBES_KEEP_FREED=1 (see malloc-cache)."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    exec(_KEEP_FREED + _CACHING_ALLOCATOR, {})
+    exec(_KEEP_FREED, {})
 
 
 def _child(code: str, *args: str, **env: str) -> str:
@@ -192,18 +185,18 @@ def _print_interleaved_medians(cases: dict, rounds: int) -> dict:
 TORCH_DISPATCH_MIB = (8 + 16) + (32 + 16) + (16 + 8) + (8 + 16) + (16 + 32 + 32 + 16) + (16 + 8) + (16 + 8)
 
 
-# (label, environment): torch's allocator as is; glibc keeping freed memory; our caching allocator (4 GiB cap);
-# and, where their Debian packages are installed (libjemalloc2, libtcmalloc-minimal4), jemalloc and tcmalloc in
-# place of glibc's malloc (LD_PRELOAD), the usual advice for torch on CPUs.
-_ALLOCATOR_SETTINGS = (("torch's allocator", {}), ("glibc keeps freed", {"CPU_PROBES_KEEP_FREED": "1"}),
-                       ("caching allocator", {"MOON_FAST_CPU_CACHE_MB": "4096"}))
-_PRELOADS = (("jemalloc", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
-             ("tcmalloc", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"))
+# (label, environment): torch's allocator as is (glibc's malloc); glibc keeping freed memory; and, where their
+# Debian packages are installed (libjemalloc2, libtcmalloc-minimal4), jemalloc and tcmalloc in place of glibc's
+# malloc (LD_PRELOAD), the usual advice for torch on CPUs.
+_ALLOCATOR_SETTINGS = (("torch's allocator", {}), ("glibc keeps freed", {"CPU_PROBES_KEEP_FREED": "1"}))
+_PRELOADS = (("jemalloc", "jemalloc"), ("tcmalloc", "tcmalloc_minimal"))
 
 
 def _allocator_settings() -> list[tuple[str, dict]]:
-    preloads = [(f"{name} (LD_PRELOAD)", {"LD_PRELOAD": path}) for name, path in _PRELOADS if os.path.exists(path)]
-    return list(_ALLOCATOR_SETTINGS) + preloads
+    import ctypes.util
+
+    found = [(name, ctypes.util.find_library(lib)) for name, lib in _PRELOADS]
+    return list(_ALLOCATOR_SETTINGS) + [(f"{name} (LD_PRELOAD)", {"LD_PRELOAD": so}) for name, so in found if so]
 
 
 def malloc_cache() -> None:

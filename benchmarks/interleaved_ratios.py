@@ -40,7 +40,7 @@ def main() -> None:
             data = json.load(f)
         m = data["machine"]
         extra = f", malloc_cache {m['malloc_cache']}" if "malloc_cache" in m else ""  # runs at 46d6d33-f1b2bcc
-        extra += f", cpu_cache_mb {m['cpu_cache_mb']}" if "cpu_cache_mb" in m else ""
+        extra += f", cpu_cache_mb {m['cpu_cache_mb']}" if "cpu_cache_mb" in m else ""  # runs at db90b71-806dd60
         extra += f", LD_PRELOAD {m['ld_preload']}" if m.get("ld_preload") else ""
         print(f"{path}: commit {m.get('commit')}, {m.get('host_cpu_isa') or 'ISA not recorded'}{extra}")
         for g in data["groups"]:

@@ -20,12 +20,9 @@ import sys
 # No effect on CUDA memory, or where the kernel's THP mode is "never".
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-# Opt-in: a caching allocator for CPU tensors, holding up to $MOON_FAST_CPU_CACHE_MB MiB of freed blocks for
-# reuse (moon_fast/cpu_allocator.py). Imported only when asked for, to keep `moon-fast --help` fast.
-if os.environ.get("MOON_FAST_CPU_CACHE_MB", "0") not in ("", "0"):
-    from moon_fast import cpu_allocator
-
-    cpu_allocator.apply_from_env()
+# Large CPU temporaries still page-fault in again every step with glibc's malloc (it unmaps them on free). A
+# malloc that keeps freed memory, preloaded, removes that: LD_PRELOAD=libtcmalloc_minimal.so.4 (Debian
+# libtcmalloc-minimal4); see the README's "Page faults" section.
 
 COMMANDS = ("env", "data", "train", "eval", "bench", "demo")
 

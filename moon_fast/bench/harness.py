@@ -159,9 +159,7 @@ def machine_info() -> dict:
         # CPU allocation: large temporaries are much cheaper with transparent huge pages (moon_fast/cli.py)
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "thp_mode": _thp_mode(),
-        # the opt-in caching CPU allocator's cap in MiB, 0 = torch's own allocator (moon_fast/cpu_allocator.py)
-        "cpu_cache_mb": os.environ.get("MOON_FAST_CPU_CACHE_MB") or "0",
-        # a malloc put in place of glibc's (e.g. tcmalloc, jemalloc), which changes CPU timings as much
+        # a malloc put in place of glibc's (e.g. tcmalloc): large CPU temporaries then stop page-faulting every step
         "ld_preload": os.path.basename(os.environ.get("LD_PRELOAD", "")) or None,
     }
 
@@ -364,7 +362,4 @@ def _worker(payload: str) -> None:
 
 
 if __name__ == "__main__":
-    from moon_fast import cpu_allocator
-
-    cpu_allocator.apply_from_env()  # as in the moon-fast process that started this one
     _worker(sys.argv[1])

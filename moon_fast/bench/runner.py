@@ -191,9 +191,6 @@ def _shared_worker_main() -> None:
     """``python -m moon_fast.bench.runner``: reads one JSON case per stdin line, prints its results."""
     import gc
 
-    from moon_fast import cpu_allocator
-
-    cpu_allocator.apply_from_env()  # as in the moon-fast process that started this one
     for line in sys.stdin:
         if not line.strip():
             continue

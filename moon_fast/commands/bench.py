@@ -77,7 +77,7 @@ def run_interleaved(args, cases, warmup: int, backends: list[str] | None) -> int
     table = interleaved.format_table(groups)
     with open(os.path.join(args.output, "interleaved.md"), "w") as f:
         f.write(f"{machine['device']} ({machine['host_cpu']}, {machine['host_cpu_isa']}, {machine['cpu_threads']} threads, "
-                f"CPU cache {machine['cpu_cache_mb']} MiB, LD_PRELOAD {machine.get('ld_preload')}), torch "
+                f"LD_PRELOAD {machine.get('ld_preload')}), torch "
                 f"{machine['torch']}, commit {machine['commit']}, {machine['date']}; {args.interleave} rounds\n\n"
                 + table + "\n")
     print(table)

@@ -42,6 +42,7 @@ def collect() -> dict:
         "gpu": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if gpu else [],
         "cpu_threads": torch.get_num_threads(),
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),  # set by moon_fast/cli.py
+        "ld_preload": os.environ.get("LD_PRELOAD") or None,  # e.g. tcmalloc (README, "Page faults")
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "deepspeed": _version("deepspeed"),
@@ -67,7 +68,8 @@ def run(args) -> int:
     print(f"torch {info['torch']} (CUDA build: {info['torch_cuda_build'] or 'no'})  triton {info['triton']}  "
           f"transformers {info['transformers']}  deepspeed {info['deepspeed']}")
     print(f"GPU: {', '.join(info['gpu']) if info['gpu'] else 'none'}   CPU threads: {info['cpu_threads']}   "
-          f"THP_MEM_ALLOC_ENABLE={info['thp_mem_alloc_enable']}")
+          f"THP_MEM_ALLOC_ENABLE={info['thp_mem_alloc_enable']}   "
+          f"malloc: {info['ld_preload'] or 'glibc (large CPU temporaries page-fault every step; README: tcmalloc)'}")
     for name, ext in info["extensions"].items():
         state = "built" + (f" (archs {ext['archs']})" if ext.get("archs") else "") if ext["built"] else ext["error"]
         print(f"{name}: {state}")

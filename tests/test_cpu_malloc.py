@@ -1,0 +1,54 @@
+"""Large CPU temporaries and the malloc under torch. With glibc's malloc a freed 64 MiB block goes back to the
+system and is faulted in again, page by page, at the next allocation of its size: every training step pays
+for its large temporaries again. With tcmalloc preloaded (the README's advice for CPU runs) the block is
+reused. Each check runs in a fresh process: LD_PRELOAD acts at process start."""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import cpu_probes  # noqa: E402
+
+TCMALLOC = ctypes.util.find_library("tcmalloc_minimal")
+needs_tcmalloc = pytest.mark.skipif(TCMALLOC is None, reason="package libtcmalloc-minimal4 is not installed "
+                                    "(apt-get install libtcmalloc-minimal4; `make test` installs it where it can)")
+
+
+def _run(code: str, **env: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "THP_MEM_ALLOC_ENABLE": "1", "LD_PRELOAD": "", **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def _heap_rounds(**env: str) -> tuple[int, int]:
+    """benchmarks/cpu_probes.py's rounds (a 64 MiB tensor, a small one kept alive after it, the large one freed;
+    8 rounds): (most page faults of a round after the first, MiB the data segment grew)."""
+    out = _run(cpu_probes._HEAP_GROWTH, **env)  # "page faults per round [..]; data segment grew N MiB"
+    faults = [int(v) for v in out.split("[")[1].split("]")[0].split(",")]
+    return max(faults[1:]), int(out.split("grew ")[1].split()[0])
+
+
+def test_glibc_faults_a_freed_large_block_in_again():
+    faults, _ = _heap_rounds()
+    assert faults >= 32, faults  # 64 MiB in 2 MiB huge pages: 32 faults at least, every round
+
+
+@needs_tcmalloc
+def test_tcmalloc_reuses_a_freed_large_block():
+    faults, grew = _heap_rounds(LD_PRELOAD=TCMALLOC)
+    assert faults < 16, faults
+    assert grew < 64 + 32, grew  # one block kept, not one per round
+
+
+@needs_tcmalloc
+def test_bench_machine_record_names_the_preloaded_malloc():
+    code = "from moon_fast.bench.harness import machine_info; print(machine_info()['ld_preload'])"
+    assert _run(code) == "None"
+    assert _run(code, LD_PRELOAD=TCMALLOC) == os.path.basename(TCMALLOC)
