@@ -11,8 +11,9 @@ Kernels (shapes above each):
   pre-activation for the backward.
 * ``_grouped_rows_kernel``: C = (scale * A[a_idx]) @ B[e] per row tile, with optional row gather and
   scale on A, optional scatter of C rows (to slot order: a permutation, so no atomics), or the SwiGLU
-  backward in the epilogue (dgate, dup and the recomputed h, scaled by the routing weights). With ``$MOON_FAST_MOE_SWIGLU_BWD=split``
-  the dh GEMM stores plain dh and kernels/moe_swiglu.py's one elementwise pass does the SwiGLU backward.
+  backward in the epilogue (dgate, dup and the recomputed h, scaled by the routing weights). With
+  ``$MOON_FAST_MOE_SWIGLU_BWD=split`` the dh GEMM stores plain dh and kernels/moe_swiglu.py's one
+  elementwise pass does the SwiGLU backward.
 * ``_grouped_wgrad_kernel``: dW[e] = A[a_idx]^T B[b_idx] over expert e's rows (zero when it has none): the
   weight gradients. The routing weights that d down_proj needs come already multiplied into its B operand
   (w * h, from the SwiGLU backward), so both A tiles go from shared memory into the MMA unchanged.
