@@ -52,3 +52,25 @@ def test_bench_machine_record_names_the_preloaded_malloc():
     code = "from moon_fast.bench.harness import machine_info; print(machine_info()['ld_preload'])"
     assert _run(code) == "None"
     assert _run(code, LD_PRELOAD=TCMALLOC) == os.path.basename(TCMALLOC)
+
+
+def _env_json(**env: str) -> dict:
+    import json
+
+    return json.loads(_run("import runpy, sys; sys.argv = ['moon-fast', 'env', '--json']; "
+                           "runpy.run_module('moon_fast.cli', run_name='__main__')", **env))
+
+
+@needs_tcmalloc
+def test_moon_fast_runs_under_tcmalloc_unless_told_not_to():
+    """The `moon-fast` command re-runs itself with tcmalloc preloaded (moon_fast/cli.py preload_tcmalloc)."""
+    assert _env_json()["ld_preload"] == TCMALLOC
+    assert _env_json(MOON_FAST_MALLOC="glibc")["ld_preload"] is None
+    assert _env_json(LD_PRELOAD=TCMALLOC)["ld_preload"] == TCMALLOC  # already preloaded: no second exec
+
+
+def test_moon_fast_malloc_rejects_unknown_values():
+    proc = subprocess.run([sys.executable, "-m", "moon_fast.cli", "env"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "MOON_FAST_MALLOC": "jemalloc"})
+    assert proc.returncode != 0
+    assert "MOON_FAST_MALLOC='jemalloc': must be one of ('tcmalloc', 'glibc')" in proc.stderr
