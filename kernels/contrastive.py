@@ -201,8 +201,8 @@ def _bwd_cols(r_ptr, c_ptr, scale_ptr, pos_ptr, rg_ptr, rid_ptr, cg_ptr, cid_ptr
 def _config(D: int, dtype: torch.dtype) -> dict:
     """Block sizes. On a GPU the whole (padded) embedding of a row/column block is held on chip; these
     choices keep every kernel under 130 KiB of shared memory on sm_80 and sm_90 (checked by compiling each
-    launch offline as the JIT would, tests/aot_triton.py with Triton 3.8, not by running it: no GPU was
-    available)."""
+    launch offline as the JIT would, tests/aot_triton.py with Triton 3.6 and 3.8, not by running it: no GPU
+    was available)."""
     dp = max(16, next_power_of_2(D))
     if interpreting():
         return dict(BR=32, BC=32, DP=dp, num_warps=4, num_stages=1, BWD_STEP=None, BWD_WARPS=4)
@@ -210,13 +210,22 @@ def _config(D: int, dtype: torch.dtype) -> dict:
         raise ValueError(f"contrastive_loss(backend='triton'): embedding dimension {D} > 1024 is not supported "
                          "by the fused kernels; use backend='torch' or 'cuda'")
     wide = torch.empty((), dtype=dtype).element_size() >= 4
-    if dp <= 256:
-        br, bc, stages = (32, 64, 2) if wide else (64, 64, 3)
-    elif dp <= 512:
-        br, bc, stages = (32, 32, 2) if wide else (32, 64, 2)
+    if wide:
+        # Exact fp32 products (FMA, no tensor cores). (32, 64) row x column blocks spilled in the forward
+        # kernels, differently in each Triton: with Triton 3.6 (torch 2.11's, pyproject's oldest) 6.1-6.7 KB per
+        # thread at D=128 and 4 warps on sm_90 (a 5.3 KB stack frame, 32 registers) and 324 bytes at D=64; with
+        # Triton 3.8, 340 bytes at D=256. (32, 32) with 8 warps spills nothing at D = 64-256 with either Triton
+        # on sm_80 or sm_90 (tests/aot_triton.py --full; benchmarks/results/2026-11-23-aot/).
+        br, bc = (32, 32) if dp <= 512 else (16, 16)
+        stages, warps = 2, 8
     else:
-        br, bc, stages = (16, 16, 2) if wide else (16, 32, 2)
-    warps = 4 if dp <= 128 else 8
+        if dp <= 256:
+            br, bc, stages = 64, 64, 3
+        elif dp <= 512:
+            br, bc, stages = 32, 64, 2
+        else:
+            br, bc, stages = 16, 32, 2
+        warps = 4 if dp <= 128 else 8
     # The backward kernels step through columns (_bwd_rows) or rows (_bwd_cols) BWD_STEP at a time. With
     # the forward's block sizes ptxas spilled registers: up to 14 KB per thread in the fp32 _bwd_rows (exact,
     # non-tensor-core products hold bigger operand fragments; sm_80, D=128) and 296 bytes in the 16-bit

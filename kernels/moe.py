@@ -80,14 +80,26 @@ _UNALIGNED_TILES = {
 }
 
 
+# 16-bit tiles before Hopper (sm_80), for the launches whose Hopper tiles spill there. An A100's mma.sync holds
+# its operand fragments in registers beside the accumulator, where Hopper's wgmma reads them from shared memory.
+# Compiled for sm_80 with Triton 3.6 (torch 2.11's; pyproject's oldest), the Hopper tiles spilled: 80 bytes in
+# the 128x256x64 down and dx GEMMs, 8 in the plain dh, 64 in the 4-warp d down_proj (Triton 3.8: none, at 255
+# registers). BK 32 with a 4th stage, and 8 warps, spill nothing with either Triton
+# (benchmarks/results/2026-11-23-aot/triton_aot_sm80_moe_triton3{6,8}_*.txt). Chosen from compiles: no A100
+# has run them.
+_PRE_HOPPER_TILES = {"down_fwd": (128, 256, 32, 8, 4), "dx": (128, 256, 32, 8, 4), "dh": (128, 256, 32, 8, 4),
+                     "wgrad_down": (128, 128, 64, 8, 3)}
+
+
 def _tiles(bm, bn, bk, warps, stages) -> dict:
     return dict(zip(_TILE_KEYS, (bm, bn, bk, warps, stages)))
 
 
-def tile_sizes(dtype: torch.dtype, aligned: bool = True) -> dict[str, dict]:
+def tile_sizes(dtype: torch.dtype, aligned: bool = True, hopper: bool = True) -> dict[str, dict]:
     """{launch: {BM, BN, BK, num_warps, num_stages}}. Small tiles under the interpreter (cost grows with
     program instances x loop steps); tensor-core-sized tiles on a GPU. The SwiGLU launches' BN is per
     accumulator (they hold two). ``aligned``: the widths H and I are multiples of 16 (see _UNALIGNED_TILES).
+    ``hopper``: the GPU is sm_90 or later (else _PRE_HOPPER_TILES in 16-bit).
     ``$MOON_FAST_MOE_TILES`` (JSON {launch: [BM, BN, BK, warps, stages]}) overrides launches on a GPU, for
     tuning."""
     if interpreting():
@@ -111,6 +123,8 @@ def tile_sizes(dtype: torch.dtype, aligned: bool = True) -> dict[str, dict]:
                "wgrad_gate_up": _tiles(128, 128, 64, 8, 4), "dx": _tiles(128, 256, 64, 8, 3),
                # the plain dh GEMM, (S, H) @ (H, I), has down_fwd's shape at H = I: its tiles, not yet swept
                "dh": _tiles(128, 256, 64, 8, 3)}
+    if not hopper and dtype != torch.float32:
+        out.update({name: _tiles(*tiles) for name, tiles in _PRE_HOPPER_TILES.items()})
     if not aligned:
         out.update({name: _tiles(*tiles) for name, tiles in _UNALIGNED_TILES[dtype == torch.float32].items()})
     override = os.environ.get(TILES_ENV)
@@ -124,12 +138,12 @@ def tile_sizes(dtype: torch.dtype, aligned: bool = True) -> dict[str, dict]:
     return out
 
 
-def plan_tiles(dtype: torch.dtype, hidden: int, inter: int) -> dict[str, dict]:
+def plan_tiles(dtype: torch.dtype, hidden: int, inter: int, hopper: bool = True) -> dict[str, dict]:
     """Each launch's tiles for widths H = ``hidden`` and I = ``inter``: the aligned table where every width
     that launch's kernel sees is a multiple of 16 (the JIT's 16-divisible specialisation), else
     _UNALIGNED_TILES. The dx and gate_up weight-gradient launches see 2I, not I (their operand is d gu,
     (S, 2I)), so at I % 16 == 8 they compile aligned and keep the aligned tiles."""
-    tables = {True: tile_sizes(dtype, aligned=True), False: tile_sizes(dtype, aligned=False)}
+    tables = {aligned: tile_sizes(dtype, aligned=aligned, hopper=hopper) for aligned in (True, False)}
     widths = {name: (hidden, 2 * inter if name in ("dx", "wgrad_gate_up") else inter) for name in LAUNCHES}
     return {name: tables[all(w % 16 == 0 for w in widths[name])][name] for name in LAUNCHES}
 
@@ -374,15 +388,15 @@ class _Plan:
     def __init__(self, expert_idx: torch.Tensor, num_experts: int, dtype: torch.dtype, widths: tuple[int, int]):
         self.routing, self.bounds = route_triton(expert_idx, num_experts)
         assert_all_routed(self.routing)  # moe_mlp leaves the expert-range check to this on a GPU
-        self.cfg = plan_tiles(dtype, *widths)  # widths (H, I)
+        hopper = _device_has_tma(expert_idx.device)  # sm_90 or later (and the interpreter)
+        self.cfg = plan_tiles(dtype, *widths, hopper=hopper)  # widths (H, I)
         # E is a compile-time constant of the row-tile kernels (one compile per model); EP >= E lanes for
         # _row_tile's search over the experts
         self.experts = {"E": num_experts, "EP": max(16, next_power_of_2(num_experts))}
         self.compute = compute_dtype_for(dtype)
         self.precision = _precision(dtype)
         self.swiglu_bwd = swiglu_backward_mode()
-        self.tma = (tma_enabled() and dtype in (torch.float16, torch.bfloat16)
-                    and _device_has_tma(expert_idx.device))
+        self.tma = tma_enabled() and dtype in (torch.float16, torch.bfloat16) and hopper
 
     def row_tiles(self, block_m: int) -> int:
         """Programs along the rows of a row-tile launch: an upper bound of sum_e cdiv(count_e, BM)."""

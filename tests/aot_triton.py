@@ -9,11 +9,15 @@ and ints marked, ints equal to 1 made constants). That is the variant whose soft
 or TMA stages in shared memory) must fit the GPU, and the one a GPU would run.
 
     python tests/aot_triton.py --arch 80 [--full] [--ops moe,attention,contrastive]   # a report
+    PYTHONPATH=.triton-min python tests/aot_triton.py --arch 90 ...   # the same with the oldest Triton we support
 
-The tests (test_*_compile*) run the small ``CI`` configurations in a child process (``run_child``);
-``--full`` compiles every configuration in ``FULL`` (minutes per op and arch). It reaches into Triton's
-launcher (``JITFunction.run``, ``_pack_args``, ``create_function_from_signature``; Triton 3.8), which a
-Triton upgrade may change: the tests then fail loudly rather than pass.
+The tests (test_*_compile*) run the small ``CI`` configurations in a child process (``run_child``), once with
+the installed Triton and once with the oldest one pyproject.toml allows (``MIN_TRITON``, installed apart in
+``.triton-min/`` by ``make test``): torch 2.11's Triton, which the lent GPU machines run. Each Triton
+generates different code: Triton 3.6 spilled 6 KB per thread in a kernel that Triton 3.8 compiled with no
+spills. ``--full`` compiles every configuration in ``FULL`` (minutes per op and arch). It reaches into
+Triton's launcher (``JITFunction.run``, ``_pack_args``, ``create_function_from_signature``; the same in
+Triton 3.6 and 3.8), which a Triton upgrade may change: the tests then fail loudly rather than pass.
 """
 
 from __future__ import annotations
@@ -30,6 +34,29 @@ from pathlib import Path
 
 # Shared memory per block (opt-in maximum) in bytes: A100 (sm_80) and H100 (sm_90).
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+REPO = Path(__file__).resolve().parent.parent
+# The oldest Triton pyproject.toml allows, and where make test installs it apart from the venv's (pip
+# --target, no dependencies): a child process with it first on PYTHONPATH imports it instead.
+MIN_TRITON = re.search(r'"triton>=([0-9.]+)', (REPO / "pyproject.toml").read_text()).group(1)
+MIN_TRITON_DIR = REPO / ".triton-min"
+
+
+def min_triton_installed() -> bool:
+    """Whether .triton-min/ holds MIN_TRITON (a Triton of another version there would test nothing)."""
+    return any(MIN_TRITON_DIR.glob(f"triton-{MIN_TRITON}*.dist-info"))
+
+
+def triton_builds() -> list:
+    """pytest parameters for the compile tests: the installed Triton, and MIN_TRITON where installed (a
+    missing package: skipped with the reason)."""
+    import pytest
+
+    return [pytest.param(None, id="triton-installed"),
+            pytest.param(MIN_TRITON_DIR, id=f"triton-{MIN_TRITON}", marks=pytest.mark.skipif(
+                not min_triton_installed(), reason=f"Triton {MIN_TRITON} (pyproject's oldest) is not installed "
+                f"in {MIN_TRITON_DIR}: make test installs it (pip install --no-deps --target .triton-min "
+                f"triton=={MIN_TRITON})"))]
 
 _launches: list = []
 ARCH = 90  # the target: what the ops' launchers take the GPU to be (e.g. whether it has TMA)
@@ -206,18 +233,26 @@ def compile_recorded(arch: int) -> list[dict]:
     return compiled_kernels
 
 
-def run_child(op: str, arch: int, tmp_path: Path, timeout: int = 900) -> list[dict]:
+def run_child(op: str, arch: int, tmp_path: Path, timeout: int = 900, triton_dir: Path | None = None) -> list[dict]:
     """Records ``op``'s launches for its CI configurations and compiles them for sm_``arch``, in a child
-    process without the interpreter; returns compile_recorded's list."""
+    process without the interpreter; returns compile_recorded's list. ``triton_dir``: a directory holding
+    MIN_TRITON, imported by the child in place of the venv's Triton (checked: the child reports its version)."""
     import json
 
     script = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import aot_triton as a\n"
+              f"import triton; print('TRITON', triton.__version__)\n"
               f"a.ARCH = {arch}; a.start_recording(); a.EXERCISE[{op!r}](a.CI[{op!r}])\n"
               f"print('RESULT', json.dumps(a.compile_recorded({arch}), default=str))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    if triton_dir is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(triton_dir)] + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    version = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("TRITON ")]
+    if triton_dir is not None:
+        assert version and (version[0] + ".").startswith(MIN_TRITON + "."), (
+            f"{triton_dir} gave Triton {version}, not {MIN_TRITON}")
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(result) == 1, proc.stdout
     return json.loads(result[0][len("RESULT "):])
@@ -235,6 +270,9 @@ def main() -> None:
     global ARCH
     ARCH = args.arch
     start_recording()
+    import triton
+
+    print(f"# triton {triton.__version__} ({Path(triton.__file__).parent}), sm_{args.arch}", flush=True)
     configs = FULL if args.full else CI
     for op in args.ops.split(","):
         _launches.clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from aot_triton import triton_builds
 from test_attention import check_against_reference, cu_of, make_qkv
 
 from moon_fast.backends import triton_unavailable
@@ -127,15 +128,16 @@ def test_causal_block_boundaries_every_diagonal_offset(tiles, _poison, monkeypat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("triton_dir", triton_builds())
 @pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_compile_for_gpu_ahead_of_time(arch, tmp_path):
+def test_kernels_compile_for_gpu_ahead_of_time(arch, triton_dir, tmp_path):
     """The forward, preprocess and both backward kernels compile for sm_80 / sm_90 as the JIT would compile
     the launches the op really makes (tests/aot_triton.py: no GPU needed; catches GPU-only compile errors:
     dot operand types, shapes, shared memory), for bf16 d=80, fp16 d=128 and fp32 d=64, causal GQA."""
     pytest.importorskip("triton")
     from aot_triton import CI, run_child
 
-    kernels = run_child("attention", arch, tmp_path)
+    kernels = run_child("attention", arch, tmp_path, triton_dir=triton_dir)
     compiled = {(k["name"], k["flags"]["HEAD_DIM"]) for k in kernels}
     expected = {(name, d) for _, d, _ in CI["attention"]
                 for name in ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel")}

@@ -6,15 +6,17 @@ register blow-ups that the interpreter cannot see."""
 from __future__ import annotations
 
 import pytest
+from aot_triton import triton_builds
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("triton_dir", triton_builds())
 @pytest.mark.parametrize("arch", [80, 90])
-def test_triton_kernels_compile_for_gpu_ahead_of_time(arch, tmp_path):
+def test_triton_kernels_compile_for_gpu_ahead_of_time(arch, triton_dir, tmp_path):
     pytest.importorskip("triton")
     from aot_triton import CI, run_child
 
-    kernels = run_child("contrastive", arch, tmp_path)
+    kernels = run_child("contrastive", arch, tmp_path, triton_dir=triton_dir)
     compiled = {(k["name"], k["flags"]["COMPUTE"], k["flags"]["DP"]) for k in kernels}
     dtype_name = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
     expected = {(name, dtype_name[dt], d) for dt, d in CI["contrastive"]

@@ -693,13 +693,13 @@ def test_triton_gpu_tiles_run_under_the_interpreter(case, dtype, monkeypatch):
 
     gpu_tile_sizes, plan_tiles, picked = moe_triton.tile_sizes, moe_triton.plan_tiles, []
 
-    def gpu_table(dtype, aligned=True):
+    def gpu_table(dtype, aligned=True, hopper=True):
         with monkeypatch.context() as m:
             m.setattr(moe_triton, "interpreting", lambda: False)
-            return gpu_tile_sizes(dtype, aligned)
+            return gpu_tile_sizes(dtype, aligned, hopper)
 
-    def recorded(*args):
-        picked.append(plan_tiles(*args))
+    def recorded(*args, **kwargs):
+        picked.append(plan_tiles(*args, **kwargs))
         return picked[-1]
 
     monkeypatch.setattr(moe_triton, "tile_sizes", gpu_table)
@@ -732,6 +732,30 @@ def test_triton_tiles_per_launch_and_their_override(monkeypatch):
     monkeypatch.setenv(moe_triton.TILES_ENV, '{"dx": [64, 32]}')
     with pytest.raises(ValueError, match="MOON_FAST_MOE_TILES must be JSON"):
         moe_triton.tile_sizes(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_tiles_before_hopper(dtype, monkeypatch):
+    """Before Hopper, 16-bit launches named in _PRE_HOPPER_TILES take those tiles (the Hopper ones spill on
+    sm_80: tests/test_moe_triton_compile.py); every other launch, and fp32, keep the Hopper table; the
+    unaligned table still wins where a width is not a multiple of 16."""
+    pytest.importorskip("triton")
+    import moon_fast.kernels.moe as moe_triton
+
+    monkeypatch.setattr(moe_triton, "interpreting", lambda: False)
+    monkeypatch.delenv(moe_triton.TILES_ENV, raising=False)
+    hopper = moe_triton.plan_tiles(dtype, 1024, 1024, hopper=True)
+    older = moe_triton.plan_tiles(dtype, 1024, 1024, hopper=False)
+    changed = {name for name in moe_triton.LAUNCHES if older[name] != hopper[name]}
+    if dtype == torch.float32:
+        assert not changed
+    else:
+        assert changed == set(moe_triton._PRE_HOPPER_TILES)
+        for name, tiles in moe_triton._PRE_HOPPER_TILES.items():
+            assert older[name] == dict(zip(("BM", "BN", "BK", "num_warps", "num_stages"), tiles))
+    # down_fwd sees H = 96 and I = 72: the unaligned table's tiles, Hopper or not
+    unaligned = moe_triton.plan_tiles(dtype, 96, 72, hopper=False)
+    assert unaligned["down_fwd"] == moe_triton.plan_tiles(dtype, 96, 72, hopper=True)["down_fwd"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -7,7 +7,7 @@ asynchronous wgmma on sm_90, and that no launch spills registers (aligned widths
 from __future__ import annotations
 
 import pytest
-from aot_triton import run_child
+from aot_triton import run_child, triton_builds
 
 # The launches the op makes (tile flags that are True), each in bf16, fp16 and fp32.
 VARIANTS = [("_swiglu_up_kernel", ("STORE_GU",)), ("_swiglu_up_kernel", ()),  # training / inference forward
@@ -31,10 +31,11 @@ HELPERS = ("_chunk_histogram_kernel", "_chunk_scatter_kernel", "_combine_kernel"
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("triton_dir", triton_builds())
 @pytest.mark.parametrize("arch", [80, 90])
-def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, tmp_path):
+def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, triton_dir, tmp_path):
     pytest.importorskip("triton")
-    kernels = run_child("moe", arch, tmp_path)
+    kernels = run_child("moe", arch, tmp_path, triton_dir=triton_dir)
     covered = set()
     for kern in kernels:
         flags = kern["flags"]
