@@ -21,6 +21,11 @@ For each shape (S = T * k routed rows through H -> 2I -> H, E experts, top-k rou
   included.
 Each time is the median of ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls).
 "% of dense" = dense time / our time (the issue asks >= 80% for the grouped GEMM).
+- ``hbm_copy`` and ``floor_<launch>``: first, the GPU memory's copy rate, and per launch the lower bound of its
+  time: its dense product's time or its bytes at that rate (moe_gpu_launches ``Launch.bytes``), whichever is
+  longer. A launch whose epilogue reads and writes more than its GEMM (dh_swiglu: gu in, dgu and w * h out) can
+  be bound by memory below "80% of dense". "% of floor" on the Triton rows = the sum of their launches'
+  floors / our time.
 
     python benchmarks/moe_gpu_gemm.py --out results_dir     # needs a CUDA GPU; writes moe_gpu_gemm.{csv,json}
 """
@@ -33,7 +38,7 @@ import sys
 from unittest import mock
 
 import torch
-from moe_gpu_launches import BACKWARD, BACKWARD_SPLIT, FORWARD, PEERS, MoeLaunches, device_ms
+from moe_gpu_launches import BACKWARD, BACKWARD_SPLIT, FORWARD, PEERS, MoeLaunches, copy_gbps, device_ms
 
 from moon_fast.bench.harness import machine_info, write_rows
 
@@ -50,31 +55,43 @@ def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, ba
     fwd_flops, bwd_flops = m.flops(FORWARD), m.flops(BACKWARD)
     rows = []
 
-    def record(name, fn, flops, baseline=None):
+    def record(name, fn, flops, baseline=None, launches=()):
         ms = device_ms(fn)
         row = {**m.shape, "what": name, "ms": ms, "tflops": flops / ms / 1e9}
         if baseline is not None:
             row["pct_of_dense"] = 100.0 * baseline / ms
+        if launches:
+            row["pct_of_floor"] = 100.0 * sum(floors[n]["ms"] for n in launches) / ms
         rows.append(row)
         print(f"{m.shape['dtype']} T={t} E={e}: {name:18s} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s"
-              + (f"  {row['pct_of_dense']:5.1f}% of dense" if baseline is not None else ""), flush=True)
+              + (f"  {row['pct_of_dense']:5.1f}% of dense" if baseline is not None else "")
+              + (f"  {row['pct_of_floor']:5.1f}% of floor" if launches else ""), flush=True)
         return ms
 
     def skip(name, reason):
         rows.append({**m.shape, "what": name, "skipped": reason})
         print(f"{m.shape['dtype']} T={t} E={e}: {name:18s} skipped: {reason}", flush=True)
 
+    gbps = copy_gbps()
+    rows.append({**m.shape, "what": "hbm_copy", "gbps": gbps})
+    print(f"{m.shape['dtype']} T={t} E={e}: {'hbm_copy':18s} {gbps:8.0f} GB/s", flush=True)
+    floors = m.floors(gbps)
+    for name, f in floors.items():
+        rows.append({**m.shape, "what": f"floor_{name}", **f, "mbytes": m.launches[name].bytes / 1e6})
+        print(f"{m.shape['dtype']} T={t} E={e}: floor_{name:12s} {f['ms']:8.3f} ms ({f['bound']}: dense "
+              f"{f['dense_ms']:.3f} ms, {m.launches[name].bytes / 1e6:.0f} MB at the copy rate {f['hbm_ms']:.3f} ms)",
+              flush=True)
     base_f = record("dense_fwd", lambda: m.dense(FORWARD), fwd_flops)
-    record("triton_fwd", lambda: m.run(FORWARD), fwd_flops, base_f)
+    record("triton_fwd", lambda: m.run(FORWARD), fwd_flops, base_f, FORWARD)
     base_b = record("dense_bwd", lambda: m.dense(BACKWARD), bwd_flops)
-    record("triton_bwd", lambda: m.run(BACKWARD), bwd_flops, base_b)
-    record("triton_bwd_split", lambda: m.run(BACKWARD_SPLIT), bwd_flops, base_b)
+    record("triton_bwd", lambda: m.run(BACKWARD), bwd_flops, base_b, BACKWARD)
+    record("triton_bwd_split", lambda: m.run(BACKWARD_SPLIT), bwd_flops, base_b, BACKWARD_SPLIT)
     tma = dtype != torch.float32 and _device_has_tma(torch.device(dev))
     if tma:
         tma_plan = m.plan_variant(tma=True)
-        record("triton_fwd_tma", lambda: m.run(FORWARD, tma_plan), fwd_flops, base_f)
-        record("triton_bwd_tma", lambda: m.run(BACKWARD, tma_plan), bwd_flops, base_b)
-        record("triton_bwd_split_tma", lambda: m.run(BACKWARD_SPLIT, tma_plan), bwd_flops, base_b)
+        record("triton_fwd_tma", lambda: m.run(FORWARD, tma_plan), fwd_flops, base_f, FORWARD)
+        record("triton_bwd_tma", lambda: m.run(BACKWARD, tma_plan), bwd_flops, base_b, BACKWARD)
+        record("triton_bwd_split_tma", lambda: m.run(BACKWARD_SPLIT, tma_plan), bwd_flops, base_b, BACKWARD_SPLIT)
     for peer in PEERS:
         try:
             products = m.peer_products(peer)

@@ -66,11 +66,25 @@ def host_ms(fn: Callable[[], object], n: int = 20) -> float:
     return out
 
 
+def copy_gbps(nbytes: int = 1 << 29) -> float:
+    """GPU memory bandwidth as one large device-to-device copy achieves it (``nbytes`` read and written), in
+    GB/s; NaN off a GPU."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / device_ms(lambda: dst.copy_(src)) / 1e6
+
+
 @dataclass
 class Launch:
     run: Callable  # run(plan) -> the launch's outputs
     dense: Callable[[], object]  # the dense cuBLAS product of the same FLOPs
     flops: float
+    # The fewest bytes the launch must move through GPU memory: each input read once, each output written
+    # once (the gathered rows of dout and x once per token, as if L2 served their k reuses). At the memory's
+    # copy rate this bounds the launch's time from below, as the dense product's time does for its FLOPs.
+    bytes: float
 
 
 class MoeLaunches:
@@ -97,23 +111,26 @@ class MoeLaunches:
         s = t * k
         rnd = lambda *shape: torch.randn(*shape, dtype=dtype, device=dev)  # noqa: E731
         x, a1, d1, d2, w1, w2 = rnd(s, h), rnd(s, i), rnd(s, 2 * i), rnd(s, h), rnd(h, 2 * i), rnd(i, h)
+        nb = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        rows_h, rows_i = s * h * x.element_size(), s * i * x.element_size()  # (S, H) and (S, I) outputs not kept here
         self.launches = {
             "swiglu_up": Launch(lambda p: swiglu_up(p, hidden, w_up, store_gu=True), lambda: x @ w1,
-                                2 * s * h * 2 * i),
+                                2 * s * h * 2 * i, nb(hidden, w_up, h_act, gu)),
             "down_fwd": Launch(lambda p: grouped_rows(p, "down_fwd", h_act, w_down, h, c_idx=r.perm),
-                               lambda: a1 @ w2, 2 * s * i * h),
+                               lambda: a1 @ w2, 2 * s * i * h, nb(h_act, w_down) + rows_h),
             "dh_swiglu": Launch(lambda p: grouped_rows(p, "dh_swiglu", grad, down, i, a_idx=r.token,
                                                        a_scale=w_sorted, swiglu_gu=gu),
-                                lambda: d2 @ w2.t(), 2 * s * h * i),
+                                lambda: d2 @ w2.t(), 2 * s * h * i, nb(grad, down, w_sorted, gu, dgu, wh)),
             "wgrad_down": Launch(lambda p: grouped_wgrad(p, "wgrad_down", grad, wh, a_idx=r.token),
-                                 lambda: a1.t() @ d2, 2 * s * h * i),
+                                 lambda: a1.t() @ d2, 2 * s * h * i, nb(grad, wh, down)),
             "wgrad_gate_up": Launch(lambda p: grouped_wgrad(p, "wgrad_gate_up", dgu, hidden, b_idx=r.token),
-                                    lambda: x.t() @ d1, 2 * s * h * 2 * i),
+                                    lambda: x.t() @ d1, 2 * s * h * 2 * i, nb(dgu, hidden, gate_up)),
             "dx": Launch(lambda p: grouped_rows(p, "dx", dgu, gate_up, h, c_idx=r.perm), lambda: d1 @ w1.t(),
-                         2 * s * h * 2 * i),
+                         2 * s * h * 2 * i, nb(dgu, gate_up) + rows_h),
+            # dh_swiglu's traffic plus the plain dh written by the GEMM and read back by the elementwise pass
             "dh": Launch(lambda p: swiglu_backward(grouped_rows(p, "dh", grad, down, i, a_idx=r.token,
                                                                 a_scale=w_sorted), gu, w_sorted),
-                         lambda: d2 @ w2.t(), 2 * s * h * i),
+                         lambda: d2 @ w2.t(), 2 * s * h * i, nb(grad, down, w_sorted, gu, dgu, wh) + 2 * rows_i),
         }
 
     def peer_products(self, peer: str) -> dict[str, Callable[[], object]]:
@@ -175,6 +192,18 @@ class MoeLaunches:
 
     def flops(self, names) -> float:
         return sum(self.launches[n].flops for n in names)
+
+    def floors(self, gbps: float) -> dict[str, dict]:
+        """Per launch, the lower bound of its time: the dense cuBLAS product of its FLOPs (measured) or its
+        bytes at ``gbps`` (copy_gbps), whichever is longer. {launch: {"dense_ms", "hbm_ms", "ms", "bound"}}; NaN
+        off a GPU."""
+        out = {}
+        for name, launch in self.launches.items():
+            dense_ms, hbm_ms = device_ms(launch.dense), launch.bytes / (gbps * 1e6)
+            floor = float("nan") if dense_ms != dense_ms or hbm_ms != hbm_ms else max(dense_ms, hbm_ms)
+            out[name] = {"dense_ms": dense_ms, "hbm_ms": hbm_ms, "ms": floor,
+                         "bound": "memory" if hbm_ms > dense_ms else "compute"}
+        return out
 
     def op_step(self, backend: str) -> Callable[[], None]:
         """moe_mlp forward+backward with ``backend`` on this problem (gradients for all four inputs). The

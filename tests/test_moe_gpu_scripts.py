@@ -23,7 +23,9 @@ def test_moe_gpu_gemm_rows(dtype):
     # TMA rows in 16-bit: the interpreter runs descriptor loads (on a GPU: only where it has TMA)
     tma = dtype != torch.float32
     assert [r["what"] for r in rows] == (
-        ["dense_fwd", "triton_fwd", "dense_bwd", "triton_bwd", "triton_bwd_split"]
+        ["hbm_copy"] + [f"floor_{n}" for n in ("swiglu_up", "down_fwd", "dh_swiglu", "wgrad_down", "wgrad_gate_up",
+                                              "dx", "dh")]
+        + ["dense_fwd", "triton_fwd", "dense_bwd", "triton_bwd", "triton_bwd_split"]
         + ["triton_fwd_tma", "triton_bwd_tma", "triton_bwd_split_tma"] * tma
         + ["torch_gmm_fwd", "torch_gmm_bwd", "grouped_gemm_fwd", "grouped_gemm_bwd"]
         + ["dense_fwdbwd", "op_triton", "op_torch", "op_grouped_gemm", "op_triton_split"]
@@ -32,7 +34,7 @@ def test_moe_gpu_gemm_rows(dtype):
     # the grouped_gemm peer needs its package (and bf16) and a GPU; it says so instead of failing
     assert set(skipped) == {"grouped_gemm_fwd", "grouped_gemm_bwd", "op_grouped_gemm"}, skipped
     assert all(reason for reason in skipped.values())
-    assert all("error" not in r and math.isnan(r["ms"]) for r in rows if "skipped" not in r)  # no GPU: no timing
+    assert all("error" not in r and math.isnan(r.get("ms", r.get("gbps"))) for r in rows if "skipped" not in r)
 
 
 @pytest.mark.parametrize("dtype, tma", [(torch.float32, False), (torch.bfloat16, True)], ids=str)
@@ -68,6 +70,31 @@ def test_launches_compute_the_op():
         torch.testing.assert_close(peer[name](), m.launches[name].run(m.plan), rtol=1e-4, atol=1e-5)
     with pytest.raises(RuntimeError, match="bf16"):
         m.peer_products("grouped_gemm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_launch_bytes_are_their_tensors(dtype):
+    """Each launch's memory floor counts what it reads and writes: the tensors it is given (the token rows of
+    dout and x once each, the weights, the routing weights) and the outputs it returns, at their real sizes."""
+    from moe_gpu_launches import MoeLaunches
+
+    t, h, i, e, k = 40, 32, 24, 3, 2
+    m = MoeLaunches(t, h, i, e, k, dtype, "cpu")
+    hidden, _, _, gate_up, down, grad = m.problem
+    nb = lambda *ts: sum(x.numel() * x.element_size() for x in ts)  # noqa: E731
+    out = {name: launch.run(m.plan) for name, launch in m.launches.items()}
+    gu, w = m.saved["gu"], m.saved["w_sorted"]
+    h_act, (wh, dgu) = out["swiglu_up"][0], out["dh_swiglu"]
+    want = {"swiglu_up": nb(hidden, gate_up, *out["swiglu_up"]),
+            "down_fwd": nb(h_act, down, out["down_fwd"]),
+            "dh_swiglu": nb(grad, down, w, gu, *out["dh_swiglu"]),
+            "wgrad_down": nb(grad, wh, out["wgrad_down"]),
+            "wgrad_gate_up": nb(dgu, hidden, out["wgrad_gate_up"]),
+            "dx": nb(dgu, gate_up, out["dx"]),
+            # the split: dh_swiglu's tensors, plus the plain dh (S, I) written and read back
+            "dh": nb(grad, down, w, gu, *out["dh"]) + 2 * t * k * i * h_act.element_size()}
+    assert {name: launch.bytes for name, launch in m.launches.items()} == want
+    assert all(math.isnan(f["ms"]) for f in m.floors(float("nan")).values())  # no GPU: no floor
 
 
 def test_probes_run():
