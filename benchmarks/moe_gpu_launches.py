@@ -22,6 +22,7 @@ package (bf16 only; per-expert cuBLAS from host-side group sizes unless built wi
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -200,7 +201,7 @@ class MoeLaunches:
         out = {}
         for name, launch in self.launches.items():
             dense_ms, hbm_ms = device_ms(launch.dense), launch.bytes / (gbps * 1e6)
-            floor = float("nan") if dense_ms != dense_ms or hbm_ms != hbm_ms else max(dense_ms, hbm_ms)
+            floor = math.nan if math.isnan(dense_ms) or math.isnan(hbm_ms) else max(dense_ms, hbm_ms)
             out[name] = {"dense_ms": dense_ms, "hbm_ms": hbm_ms, "ms": floor,
                          "bound": "memory" if hbm_ms > dense_ms else "compute"}
         return out
