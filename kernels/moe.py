@@ -3,7 +3,9 @@
 S = T * k slots, rows in expert-contiguous order (moon_fast.ops.moe_routing). The routing is two launches
 (kernels/moe_routing.py: a stable counting sort, no host synchronisation). There is no tile schedule:
 each row-tile program finds its expert and rows from the routing's bounds (``_row_tile``), and the grid
-is the upper bound cdiv(S, BM) + E of the tile count; surplus programs exit at once.
+is the upper bound cdiv(S, BM) + E of the tile count times the column tiles; surplus programs exit at once.
+Grids are ordered so that the programs sharing an operand block run together and share it through L2
+(``_tile_of_program``, ``_wgrad_grid``).
 
 Kernels (shapes above each):
 * ``_swiglu_up_kernel``: h = silu(X[token] Wg^T) * (X[token] Wu^T), the gather of token rows fused into
@@ -207,15 +209,31 @@ def _precision(dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _row_tile(bounds_ptr, E, BM: tl.constexpr, EP: tl.constexpr):
-    """This program's row tile: expert e (int64; E or more for a surplus tile), rows (BM,) in
+def _tile_of_program(N, BN: tl.constexpr):
+    """(row tile, column tile) of this program in a row-tile launch's 1-D grid of
+    (cdiv(S, BM) + E) * cdiv(N, BN) programs, column tile fastest.
+
+    Why this order: a GPU starts programs in grid order, so the cdiv(N, BN) programs that read one (BM, K)
+    block of the row operand A run side by side and share it through L2. With the row tile fastest (the
+    order before), they ran a whole grid row apart, and each of them read the block from HBM again: on an
+    H100 the down and dx GEMMs' times grew by |A| at 3.0-3.2 TB/s per column tile (r = 0.98 over the tile
+    sweep; benchmarks/moe_tile_rereads.py on benchmarks/results/2026-11-22-h100/moe_triton_tiles_bf16.txt).
+    The weights B[e] are read by every program of expert e, and they too stay in L2 (an expert's rows are
+    consecutive tiles)."""
+    n_cols = tl.cdiv(N, BN)
+    pid = tl.program_id(0)
+    return pid // n_cols, pid % n_cols
+
+
+@triton.jit
+def _row_tile(bounds_ptr, tile, E, BM: tl.constexpr, EP: tl.constexpr):
+    """Row tile ``tile``: expert e (int64; E or more for a surplus tile), rows (BM,) in
     expert-contiguous order and their mask (rows past the expert's last row are off).
 
-    Program j takes the j-th row tile when each expert's rows, bounds[e]:bounds[e + 1], are cut into
-    cdiv(count_e, BM) tiles in expert order. Every program finds its own tile from bounds (EP >= E lanes):
-    a prefix sum of the tile counts, so no tile schedule is built between routing and the GEMMs. The grid
-    is the upper bound cdiv(S, BM) + E of the tile count; programs past the last tile return at once."""
-    tile = tl.program_id(0)
+    Tile j is the j-th when each expert's rows, bounds[e]:bounds[e + 1], are cut into cdiv(count_e, BM)
+    tiles in expert order. Every program finds its own tile from bounds (EP >= E lanes): a prefix sum of the
+    tile counts, so no tile schedule is built between routing and the GEMMs. The grid holds the upper bound
+    cdiv(S, BM) + E of the tile count; programs past the last tile return at once."""
     es = tl.arange(0, EP)
     emask = es < E
     starts = tl.load(bounds_ptr + es, mask=emask, other=0)
@@ -239,18 +257,19 @@ def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, bounds_ptr,
                       STORE_GU: tl.constexpr, W_DESC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, COMPUTE: tl.constexpr,
                       PRECISION: tl.constexpr):
-    e, rows, rmask = _row_tile(bounds_ptr, E, BM, EP)
+    tile, col_tile = _tile_of_program(INTER, BN)
+    e, rows, rmask = _row_tile(bounds_ptr, tile, E, BM, EP)
     if e >= E:  # a surplus program of the grid's upper bound
         return
     tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols = col_tile * BN + tl.arange(0, BN)
     cmask = cols < INTER
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     offs_k = tl.arange(0, BK)
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
     if W_DESC:  # w (E, 2I, H) through a TMA descriptor of (1, BN, BK) boxes. A gate box reaching past row I
-        n0 = tl.program_id(1) * BN  # reads up rows into columns the store masks off; past 2I, zeros.
+        n0 = col_tile * BN  # reads up rows into columns the store masks off; past 2I, zeros.
         e32 = e.to(tl.int32)
     else:
         wg_ptrs = w_ptr + e * stride_we + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
@@ -291,14 +310,15 @@ def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
                          SWIGLU_BWD: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          E: tl.constexpr, EP: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    e, rows, rmask = _row_tile(bounds_ptr, E, BM, EP)
+    tile, col_tile = _tile_of_program(N, BN)
+    e, rows, rmask = _row_tile(bounds_ptr, tile, E, BM, EP)
     if e >= E:  # a surplus program of the grid's upper bound
         return
     if A_GATHER:
         a_rows = tl.load(a_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
     else:
         a_rows = rows.to(tl.int64)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols = col_tile * BN + tl.arange(0, BN)
     cmask = cols < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # A_DESC: A (S, K) through a TMA descriptor from the tile's first row; rows past the expert's end load
@@ -310,7 +330,7 @@ def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
         a_base = a_ptr + a_rows[:, None] * stride_am
     if B_DESC == 0:
         b_base = b_ptr + e * stride_be
-    n0 = tl.program_id(1) * BN
+    n0 = col_tile * BN
     e32 = e.to(tl.int32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
@@ -346,17 +366,18 @@ def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
 
 
 # C[e] (M, N) = sum over rows r of expert e of A[a_row(r), :M]^T B[b_row(r), :N]
+# grid (cdiv(N, BN), cdiv(M, BM), E): see _wgrad_grid
 @triton.jit
 def _grouped_wgrad_kernel(a_ptr, a_idx_ptr, b_ptr, b_idx_ptr, c_ptr, bounds_ptr,
                           M, N, stride_am, stride_bm, stride_ce,
                           A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                           COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(2).to(tl.int64)
     start = tl.load(bounds_ptr + e)
     end = tl.load(bounds_ptr + e + 1)
     ms = tl.program_id(1) * BM + tl.arange(0, BM)
-    ns = tl.program_id(2) * BN + tl.arange(0, BN)
+    ns = tl.program_id(0) * BN + tl.arange(0, BN)
     mmask = ms < M
     nmask = ns < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -399,8 +420,13 @@ class _Plan:
         self.tma = tma_enabled() and dtype in (torch.float16, torch.bfloat16) and hopper
 
     def row_tiles(self, block_m: int) -> int:
-        """Programs along the rows of a row-tile launch: an upper bound of sum_e cdiv(count_e, BM)."""
+        """Row tiles of a row-tile launch: an upper bound of sum_e cdiv(count_e, BM)."""
         return triton.cdiv(self.routing.num_slots, block_m) + self.routing.num_experts
+
+    def rows_grid(self, opts: dict, n: int) -> tuple[int]:
+        """The 1-D grid of a row-tile launch with output width ``n``: row tiles x column tiles, the
+        column tile fastest (_tile_of_program)."""
+        return (self.row_tiles(opts["BM"]) * triton.cdiv(n, opts["BN"]),)
 
     def launch_opts(self, launch: str) -> dict:
         return {**self.cfg[launch], "COMPUTE": self.compute, "PRECISION": self.precision}
@@ -412,7 +438,7 @@ def swiglu_up(plan: _Plan, hidden, gate_up_proj, store_gu: bool):
     h = _utils.new_output((s, inter), hidden)
     gu = _utils.new_output((s, 2 * inter), hidden) if store_gu else h  # dummy pointer when not stored
     opts = plan.launch_opts("swiglu_up")
-    grid = (plan.row_tiles(opts["BM"]), triton.cdiv(inter, opts["BN"]))
+    grid = plan.rows_grid(opts, inter)
     w = gate_up_proj
     if plan.tma and w.stride(2) == 1 and _tma_ok(w):
         w = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, opts["BN"], opts["BK"]])
@@ -432,7 +458,7 @@ def grouped_rows(plan: _Plan, launch: str, a, b, n, *, a_idx=None, a_scale=None,
     c = _utils.new_output((out_rows or s, n), a)
     dgu = _utils.new_output(swiglu_gu.shape, a) if swiglu_gu is not None else c
     opts = plan.launch_opts(launch)
-    grid = (plan.row_tiles(opts["BM"]), triton.cdiv(n, opts["BN"]))
+    grid = plan.rows_grid(opts, n)
     a_op, b_op, b_mode = a, b, 0
     if plan.tma:
         if a_idx is None:
@@ -447,13 +473,22 @@ def grouped_rows(plan: _Plan, launch: str, a, b, n, *, a_idx=None, a_scale=None,
     return (c, dgu) if swiglu_gu is not None else c
 
 
+def _wgrad_grid(experts: int, m: int, n: int, opts: dict) -> tuple[int, int, int]:
+    """The weight-gradient grid (cdiv(N, BN), cdiv(M, BM), E). A GPU starts programs x fastest, so one
+    expert's (M, N) blocks run together: its A column blocks (read by the cdiv(N, BN) programs of one M
+    block) and B column blocks (read by every M block) are shared through L2. With the expert fastest (the
+    order before), a wave held every expert's blocks of a few (M, N) positions, so A came from HBM again for
+    each N block, as in the row-tile launches (_tile_of_program). Reasoned, not fitted: the tile sweep's
+    weight-gradient candidates differ in more than BN, and their times do not separate this cost."""
+    return triton.cdiv(n, opts["BN"]), triton.cdiv(m, opts["BM"]), experts
+
+
 def grouped_wgrad(plan: _Plan, launch: str, a, b, *, a_idx=None, b_idx=None):
     """(E, M, N): per expert e, sum over its rows r of a[a_idx[r]]^T b[b_idx[r]]."""
     m, n, e = a.shape[1], b.shape[1], plan.routing.num_experts
     c = _utils.new_output((e, m, n), a)
     opts = plan.launch_opts(launch)
-    grid = (e, triton.cdiv(m, opts["BM"]), triton.cdiv(n, opts["BN"]))
-    _grouped_wgrad_kernel[grid](
+    _grouped_wgrad_kernel[_wgrad_grid(e, m, n, opts)](
         a, a_idx if a_idx is not None else plan.bounds, b, b_idx if b_idx is not None else plan.bounds, c,
         plan.bounds, m, n, a.stride(0), b.stride(0), c.stride(0),
         A_GATHER=a_idx is not None, B_GATHER=b_idx is not None, **opts)

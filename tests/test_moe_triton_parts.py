@@ -14,7 +14,7 @@ import moon_fast.kernels._utils as kernel_utils  # noqa: E402
 import moon_fast.kernels.moe_routing as moe_routing  # noqa: E402
 import triton.language as tl  # noqa: E402
 from moon_fast.kernels._utils import next_power_of_2  # noqa: E402
-from moon_fast.kernels.moe import _row_tile  # noqa: E402
+from moon_fast.kernels.moe import _row_tile, _tile_of_program, _wgrad_grid  # noqa: E402
 from moon_fast.kernels.moe_combine import choice_weight_grad, combine  # noqa: E402
 from moon_fast.kernels.moe_swiglu import swiglu_backward  # noqa: E402
 
@@ -71,30 +71,42 @@ def test_route_triton_skips_bad_ids_and_the_assert_catches_them(bad, device):
             assert_all_routed(got)
 
 
-# One program per row tile: writes its expert (E or more for a surplus program), first row and row count.
+# A row-tile launch's program: writes its row tile, column tile, expert (E or more for a surplus program),
+# first row and row count.
 @triton.jit
-def _row_tile_probe(bounds_ptr, out_ptr, E: tl.constexpr, BM: tl.constexpr, EP: tl.constexpr):
-    e, rows, rmask = _row_tile(bounds_ptr, E, BM, EP)
-    tile = tl.program_id(0)
-    tl.store(out_ptr + tile * 3, e)
-    tl.store(out_ptr + tile * 3 + 1, tl.min(rows, 0).to(tl.int64))
-    tl.store(out_ptr + tile * 3 + 2, tl.sum(rmask.to(tl.int64), 0))
+def _row_tile_probe(bounds_ptr, out_ptr, N, E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    EP: tl.constexpr):
+    tile, col_tile = _tile_of_program(N, BN)
+    e, rows, rmask = _row_tile(bounds_ptr, tile, E, BM, EP)
+    out = out_ptr + tl.program_id(0) * 5
+    tl.store(out, tile)
+    tl.store(out + 1, col_tile)
+    tl.store(out + 2, e)
+    tl.store(out + 3, tl.min(rows, 0).to(tl.int64))
+    tl.store(out + 4, tl.sum(rmask.to(tl.int64), 0))
 
 
-@pytest.mark.parametrize("t, k, e, block_m", [(37, 2, 5, 16), (1, 1, 9, 16), (200, 3, 7, 32), (64, 1, 1, 64),
-                                              (50, 2, 40, 8), (40, 2, 3, 16)])
-def test_row_tiles_cover_every_row_once(t, k, e, block_m, device):
-    """Over the grid of cdiv(S, BM) + E programs, each row of each expert lies in exactly one program's tile,
-    of that expert, in order; every other program is marked surplus (expert >= E) and covers nothing."""
+@pytest.mark.parametrize("t, k, e, block_m, n", [(37, 2, 5, 16, 16), (1, 1, 9, 16, 40), (200, 3, 7, 32, 8),
+                                                 (64, 1, 1, 64, 33), (50, 2, 40, 8, 16), (40, 2, 3, 16, 64)])
+def test_row_tiles_cover_every_row_once(t, k, e, block_m, n, device):
+    """Over a row-tile launch's grid of (cdiv(S, BM) + E) * cdiv(N, BN) programs (BN = 16), each row of each
+    expert lies in exactly one row tile, of that expert, in order; every other row tile is marked surplus
+    (expert >= E) and covers nothing. Each (row tile, column tile) is one program's, and the programs of one
+    row tile are consecutive (they share its A block through L2 on a GPU: kernels/moe.py _tile_of_program)."""
     idx = expert_ids(t, k, e, "lower_half" if e > 2 else "random", device)
     r, bounds = moe_routing.route_triton(idx, e)
-    n = triton.cdiv(t * k, block_m) + e
-    out = poison_(torch.empty(n, 3, dtype=torch.int64, device=device))
-    _row_tile_probe[(n,)](bounds, out, E=e, BM=block_m, EP=max(16, next_power_of_2(e)))
+    n_rows, n_cols = triton.cdiv(t * k, block_m) + e, triton.cdiv(n, 16)
+    out = poison_(torch.empty(n_rows * n_cols, 5, dtype=torch.int64, device=device))
+    _row_tile_probe[(n_rows * n_cols,)](bounds, out, n, E=e, BM=block_m, BN=16, EP=max(16, next_power_of_2(e)))
+    out = out.cpu()
+    order = [(tile, col) for tile, col in out[:, :2].tolist()]
+    assert order == [(p // n_cols, p % n_cols) for p in range(n_rows * n_cols)], "not row tile by row tile"
+    per_tile = out.view(n_rows, n_cols, 5)[:, :, 2:]
+    assert (per_tile == per_tile[:, :1]).all(), "the column tiles of one row tile disagree on its rows"
     ends = [0, *r.offsets.tolist()]
     owner = torch.full((t * k,), -1)
     tiles = 0
-    for te, first, count in out.tolist():
+    for te, first, count in per_tile[:, 0].tolist():
         if te >= e:
             assert count == 0, "a surplus program covers rows"
             continue
@@ -104,6 +116,14 @@ def test_row_tiles_cover_every_row_once(t, k, e, block_m, device):
         owner[first:first + count] = te
     assert torch.equal(owner, idx.reshape(-1)[r.perm].cpu()), "rows not covered by their expert's tiles"
     assert tiles == sum(-(-(ends[i + 1] - ends[i]) // block_m) for i in range(e))
+
+
+@pytest.mark.parametrize("experts, m, n", [(8, 2048, 1024), (64, 1024, 1024), (3, 40, 72), (1, 16, 16)])
+def test_wgrad_grid_runs_one_expert_at_a_time(experts, m, n):
+    """A GPU starts a grid's programs x fastest, then y, then z. The expert must be z, the slowest axis, so
+    that the programs of one expert run together and share its operand blocks through L2; the kernel reads
+    it from program_id(2) (the launches' results are checked in test_moe_triton.py)."""
+    assert _wgrad_grid(experts, m, n, {"BM": 128, "BN": 64}) == (triton.cdiv(n, 64), triton.cdiv(m, 128), experts)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
