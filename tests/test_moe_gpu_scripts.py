@@ -134,3 +134,20 @@ def test_moe_precision_report(tmp_path):
     assert len(rows) == 2 * len(backends)  # fp16 and bf16
     ratios = [float(x) for line in rows for x in re.findall(r" (\d+\.\d+)/", line)]
     assert len(ratios) == 5 * len(rows) and all(0.5 < r < 1.25 for r in ratios), rows
+
+
+def test_tile_rereads_fit_recovers_a_known_rate(tmp_path):
+    """moe_tile_rereads.py on a sweep made up so that each launch costs 0.05 ms plus its row operand's
+    re-reads at 2.5 TB/s (bf16, S = 2 * 16384, H = I = 1024): the fit gives that rate and intercept back."""
+    import moe_tile_rereads
+
+    lines = []
+    for launch, (elems, n) in {"down_fwd": (32768 * 1024, 1024), "dx": (32768 * 2048, 1024)}.items():
+        for bn in (64, 128, 256):
+            ms = 0.05 + n / bn * elems * 2 / 2.5e12 * 1e3
+            lines.append(f"bfloat16 T=16384 E=8 {launch:<14} (128, {bn}, 64, 8, 3): {ms:.6f} ms  1 TFLOP/s")
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("\n".join(lines) + "\n")
+    fits = [line for line in moe_tile_rereads.fit(str(sweep), 1024, 2) if "paid at" in line]
+    assert len(fits) == 2
+    assert all(" 2.50 TB/s (r = 1.00), intercept 0.050 ms" in line for line in fits), fits
