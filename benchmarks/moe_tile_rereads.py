@@ -29,7 +29,7 @@ BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 def row_operand(launch: str, s: int, h: int, i: int) -> tuple[int, int]:
     """(elements of the operand re-read per column tile, N: the width cut into column tiles)."""
-    return {"swiglu_up": (s * h, i),      # x[token] (S, H); N = I per accumulator
+    return {"swiglu_up": (s * h, i),      # x[token] (S, H); N = I per projection
             "down_fwd": (s * i, h),       # h (S, I)
             "dh_swiglu": (s * h, i),      # dout[token] (S, H)
             "dh": (s * h, i),

@@ -18,7 +18,7 @@ from moe_gpu_launches import MoeLaunches, device_ms, host_ms
 
 from moon_fast.bench.harness import machine_info
 
-# (BM, BN, BK, num_warps, num_stages); the SwiGLU launches' BN is per accumulator (they hold two)
+# (BM, BN, BK, num_warps, num_stages); swiglu_up's BN is per projection (its accumulator is (BM, 2 BN): gate and up)
 ROWS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
 SWIGLU = [(128, 64, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),

@@ -9,7 +9,8 @@ Grids are ordered so that the programs sharing an operand block run together and
 
 Kernels (shapes above each):
 * ``_swiglu_up_kernel``: h = silu(X[token] Wg^T) * (X[token] Wu^T), the gather of token rows fused into
-  the A loads and the SwiGLU into the epilogue (two accumulators); optionally also stores the
+  the A loads and the SwiGLU into the epilogue (one dot over the gate and up weights together, split in
+  the epilogue); optionally also stores the
   pre-activation for the backward.
 * ``_grouped_rows_kernel``: C = (scale * A[a_idx]) @ B[e] per row tile, with optional row gather and
   scale on A, optional scatter of C rows (to slot order: a permutation, so no atomics), or the SwiGLU
@@ -75,8 +76,11 @@ TMA_ENV = "MOON_FAST_MOE_TMA"
 # launch by the widths that launch sees (plan_tiles): at H = 96, I = 72 the dx GEMM sees 2I = 144 and compiles
 # aligned, so it keeps the aligned tiles (triton_aot_sm*_moe_7fb69c1.txt: 0 spills). Not timed
 # on a GPU: real model widths are multiples of 16, and this path exists for correctness at any width.
+# The 16-bit swiglu_up entry came with its one (BM, 2 BN) dot: with the aligned tiles its unaligned, gu-storing
+# compile for sm_80 spilled 24-40 bytes (Triton 3.8 / 3.6); BM 64 spills none (triton_aot_sm*_moe_*_<commit>.txt).
 _UNALIGNED_TILES = {
-    False: {"down_fwd": (128, 128, 32, 8, 3), "dx": (128, 128, 32, 8, 3), "dh": (128, 128, 32, 8, 3),
+    False: {"swiglu_up": (64, 64, 64, 8, 3), "down_fwd": (128, 128, 32, 8, 3), "dx": (128, 128, 32, 8, 3),
+            "dh": (128, 128, 32, 8, 3),
             "dh_swiglu": (64, 64, 64, 8, 3), "wgrad_down": (128, 64, 64, 4, 3)},
     True: {"swiglu_up": (64, 64, 16, 8, 3), "wgrad_down": (64, 64, 32, 8, 3)},
 }
@@ -100,7 +104,8 @@ def _tiles(bm, bn, bk, warps, stages) -> dict:
 def tile_sizes(dtype: torch.dtype, aligned: bool = True, hopper: bool = True) -> dict[str, dict]:
     """{launch: {BM, BN, BK, num_warps, num_stages}}. Small tiles under the interpreter (cost grows with
     program instances x loop steps); tensor-core-sized tiles on a GPU. The SwiGLU launches' BN is per
-    accumulator (they hold two). ``aligned``: the widths H and I are multiples of 16 (see _UNALIGNED_TILES).
+    projection (swiglu_up's accumulator is (BM, 2 BN), dh_swiglu's (BM, BN)). ``aligned``: the widths H and
+    I are multiples of 16 (see _UNALIGNED_TILES).
     ``hopper``: the GPU is sm_90 or later (else _PRE_HOPPER_TILES in 16-bit).
     ``$MOON_FAST_MOE_TILES`` (JSON {launch: [BM, BN, BK, warps, stages]}) overrides launches on a GPU, for
     tuning."""
@@ -251,6 +256,7 @@ def _row_tile(bounds_ptr, tile, E, BM: tl.constexpr, EP: tl.constexpr):
 
 
 # x (T, H) rows gathered by token (S,); w (E, 2I, H) gate rows first -> h (S, I), gu (S, 2I)
+# One (BM, 2 BN) accumulator: columns [0, BN) the gate's n0 + j, [BN, 2 BN) the up projection's n0 + j.
 @triton.jit
 def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, bounds_ptr,
                       H, INTER, stride_xm, stride_we, stride_wn, stride_wk,
@@ -262,33 +268,35 @@ def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, bounds_ptr,
     if e >= E:  # a surplus program of the grid's upper bound
         return
     tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    cols = col_tile * BN + tl.arange(0, BN)
+    n0 = col_tile * BN
+    cols = n0 + tl.arange(0, BN)
     cmask = cols < INTER
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    # Gate and up weights in one B tile and one dot, so each A tile is read from shared memory by one MMA,
+    # not by two (one per projection, as before). Hopper's wgmma reads both operands from shared memory: per
+    # K step of 16 a warp group's two N = 64 dots read 8 KB (A twice), the one N = 128 dot 6 KB, for the
+    # same FLOPs. Estimated at an H100's ~4096 bf16 FLOP per clock per SM, the two dots need ~128 B per clock
+    # of its 128 B of shared-memory bandwidth (before the copies that fill it), the one ~96 (untimed).
+    both = tl.arange(0, 2 * BN)
+    w_cols = n0 + both % BN  # the projection's column of each accumulator column
+    acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
     offs_k = tl.arange(0, BK)
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-    if W_DESC:  # w (E, 2I, H) through a TMA descriptor of (1, BN, BK) boxes. A gate box reaching past row I
-        n0 = col_tile * BN  # reads up rows into columns the store masks off; past 2I, zeros.
+    if W_DESC:  # w viewed (E, 2, I, H) through a TMA descriptor of (1, 2, BN, BK) boxes: zeros past row I
         e32 = e.to(tl.int32)
     else:
-        wg_ptrs = w_ptr + e * stride_we + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
-        wu_ptrs = wg_ptrs + INTER * stride_wn
+        w_ptrs = (w_ptr + e * stride_we + ((both // BN) * INTER + w_cols)[None, :] * stride_wn
+                  + offs_k[:, None] * stride_wk)
     for k0 in range(0, H, BK):
         kmask = (k0 + offs_k) < H
         a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0).to(COMPUTE)
         if W_DESC:
-            wg = w_ptr.load([e32, n0, k0]).reshape(BN, BK).trans()
-            wu = w_ptr.load([e32, INTER + n0, k0]).reshape(BN, BK).trans()
+            w = w_ptr.load([e32, 0, n0, k0]).reshape(2 * BN, BK).trans()
         else:
-            bmask = kmask[:, None] & cmask[None, :]
-            wg = tl.load(wg_ptrs, mask=bmask, other=0.0)
-            wu = tl.load(wu_ptrs, mask=bmask, other=0.0)
-            wg_ptrs += BK * stride_wk
-            wu_ptrs += BK * stride_wk
-        acc_g = tl.dot(a, wg.to(COMPUTE), acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, wu.to(COMPUTE), acc_u, input_precision=PRECISION)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & (w_cols < INTER)[None, :], other=0.0)
+            w_ptrs += BK * stride_wk
+        acc = tl.dot(a, w.to(COMPUTE), acc, input_precision=PRECISION)
         a_ptrs += BK
+    acc_g, acc_u = acc.reshape(BM, 2, BN).permute(0, 2, 1).split()
     omask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
     if STORE_GU:
@@ -440,8 +448,10 @@ def swiglu_up(plan: _Plan, hidden, gate_up_proj, store_gu: bool):
     opts = plan.launch_opts("swiglu_up")
     grid = plan.rows_grid(opts, inter)
     w = gate_up_proj
-    if plan.tma and w.stride(2) == 1 and _tma_ok(w):
-        w = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, opts["BN"], opts["BK"]])
+    if plan.tma and w.stride(2) == 1 and _tma_ok(w) and w.stride(1) * inter * w.element_size() % 16 == 0:
+        # the (E, 2, I, H) view: gate and up rows of one box in one load
+        shape, strides = [w.shape[0], 2, inter, w.shape[2]], [w.stride(0), inter * w.stride(1), *w.stride()[1:]]
+        w = TensorDescriptor(w, shape, strides, [1, 2, opts["BN"], opts["BK"]])
     _swiglu_up_kernel[grid](hidden, plan.routing.token, w, h, gu, plan.bounds, hidden.shape[1], inter,
                             hidden.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
                             STORE_GU=store_gu, W_DESC=w is not gate_up_proj, **plan.experts, **opts)

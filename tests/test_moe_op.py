@@ -231,10 +231,11 @@ def test_triton_tma_operands_match_reference(case, dtype, swiglu_bwd, monkeypatc
     got = run("triton", tensors, idx, grad_out, dtype)
     check_against_fp32_oracle(got, ref_lp, ref32, dtype)
     s = t * k
+    # swiglu_up views gate_up as (E, 2, I, H): one box holds the gate and up rows
     if i % 8 == 0:  # swiglu_up: gate_up; down_fwd: h rows, down; dh: down; dx: dgu rows, gate_up
-        want = [(e, 2 * i, h), (s, i), (e, h, i), (e, h, i), (s, 2 * i), (e, 2 * i, h)]
+        want = [(e, 2, i, h), (s, i), (e, h, i), (e, h, i), (s, 2 * i), (e, 2 * i, h)]
     else:  # I = 12: only gate_up (H-wide rows, in swiglu_up and dx) and dx's dgu rows (2I = 24: 48 bytes)
-        want = [(e, 2 * i, h), (s, 2 * i), (e, 2 * i, h)]
+        want = [(e, 2, i, h), (s, 2 * i), (e, 2 * i, h)]
     assert sorted(made) == sorted(want), made
 
 

@@ -47,7 +47,7 @@ def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, triton_dir, tmp_path):
             covered.add(kern["name"])
             continue
         covered.add((kern["name"], switches, flags["COMPUTE"], kern["aligned"]))
-        descs = int(bool(flags.get("W_DESC"))) * 2 + int(bool(flags.get("A_DESC"))) + int(bool(flags.get("B_DESC")))
+        descs = sum(int(bool(flags.get(name))) for name in ("W_DESC", "A_DESC", "B_DESC"))
         # each descriptor operand must become asynchronous TMA copies (one per pipeline stage in the loop and
         # the prologue), not ordinary loads
         assert (kern["tma_copies"] >= descs) and (descs > 0 or kern["tma_copies"] == 0), kern
