@@ -77,7 +77,8 @@ TMA_ENV = "MOON_FAST_MOE_TMA"
 # aligned, so it keeps the aligned tiles (triton_aot_sm*_moe_7fb69c1.txt: 0 spills). Not timed
 # on a GPU: real model widths are multiples of 16, and this path exists for correctness at any width.
 # The 16-bit swiglu_up entry came with its one (BM, 2 BN) dot: with the aligned tiles its unaligned, gu-storing
-# compile for sm_80 spilled 24-40 bytes (Triton 3.8 / 3.6); BM 64 spills none (triton_aot_sm*_moe_*_<commit>.txt).
+# compile for sm_80 spilled 24-40 bytes (Triton 3.8 / 3.6); BM 64 spills none
+# (benchmarks/results/2026-11-23-aot/triton_aot_sm*_moe_triton3*_bb06852.txt).
 _UNALIGNED_TILES = {
     False: {"swiglu_up": (64, 64, 64, 8, 3), "down_fwd": (128, 128, 32, 8, 3), "dx": (128, 128, 32, 8, 3),
             "dh": (128, 128, 32, 8, 3),
