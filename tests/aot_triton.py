@@ -34,6 +34,8 @@ from pathlib import Path
 
 # Shared memory per block (opt-in maximum) in bytes: A100 (sm_80) and H100 (sm_90).
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# shared memory per SM (A100: 164 KB, H100: 228 KB), for ctas_per_sm
+SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
 
 REPO = Path(__file__).resolve().parent.parent
 # The oldest Triton pyproject.toml allows, and where make test installs it apart from the venv's (pip
@@ -172,12 +174,22 @@ def _ptxas_usage(log: str) -> tuple[int, int]:
     return int(regs.group(1)), int(spills.group(1))
 
 
+def ctas_per_sm(arch: int, regs: int, warps: int, shared: int) -> int:
+    """Programs of one kernel that fit on one SM at once (occupancy), the least of what its registers (65536
+    per SM, allocated per warp in units of 256), its shared memory (plus 1 KB the driver reserves per
+    program) and its warps (64 per SM) allow; at most 32. One program per SM means nothing of another
+    program overlaps its epilogue or its waits."""
+    by_regs = 65536 // (-(-regs // 8) * 8 * 32 * warps)
+    by_smem = SMEM_PER_SM[arch] // (shared + 1024)
+    return min(by_regs, by_smem, 64 // warps, 32)
+
+
 def compile_recorded(arch: int) -> list[dict]:
     """Compiles each distinct recorded launch for sm_``arch``; prints one line per compiled kernel and
     returns {"name", "flags" (constexpr arguments), "shared" (bytes), "regs" (per thread), "spills" (spill
     store bytes), "tma_copies" (TMA loads in the TTGIR), "wgmma" (Hopper warp-group MMAs in the TTGIR),
-    "wgmma_in_flight" (the most MMA groups a wait leaves running), "aligned" (every pointer and int argument
-    16-divisible)} for each. Fails if a kernel does
+    "wgmma_in_flight" (the most MMA groups a wait leaves running), "ctas_per_sm" (ctas_per_sm), "aligned"
+    (every pointer and int argument 16-divisible)} for each. Fails if a kernel does
     not compile or needs more shared memory than the GPU has. Call it with an empty Triton cache: a cached
     kernel has no ptxas report."""
     import triton
@@ -223,13 +235,15 @@ def compile_recorded(arch: int) -> list[dict]:
         # register-layout changes, each a round trip through shared memory (e.g. between the MMA's accumulator
         # layout and the coalesced layout of an epilogue's loads and stores)
         converts = ttgir.count("ttg.convert_layout")
+        occupancy = ctas_per_sm(arch, regs, options.num_warps, shared)
         print("compiled", f"sm_{arch}", kern.__name__, flags, f"warps={options.num_warps}",
               f"stages={options.num_stages}", f"smem={shared}", f"regs={regs}", f"spill_stores={spills}",
               f"tma_copies={tma}", f"wgmma={wgmma}", f"wgmma_in_flight={wgmma_in_flight}",
-              f"layout_converts={converts}", "aligned" if aligned else "unaligned", flush=True)
+              f"layout_converts={converts}", f"ctas_per_sm={occupancy}", "aligned" if aligned else "unaligned",
+              flush=True)
         compiled_kernels.append({"name": kern.__name__, "flags": flags, "shared": shared, "regs": regs,
                                  "spills": spills, "tma_copies": tma, "wgmma": wgmma,
-                                 "wgmma_in_flight": wgmma_in_flight, "aligned": aligned})
+                                 "wgmma_in_flight": wgmma_in_flight, "ctas_per_sm": occupancy, "aligned": aligned})
     return compiled_kernels
 
 

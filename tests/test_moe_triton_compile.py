@@ -81,3 +81,16 @@ def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, triton_dir, tmp_path):
                  if ("_grouped_rows_kernel", ("C_SCATTER",), dt, False) not in covered]
     assert not unaligned, f"down GEMM not compiled with unaligned widths in {unaligned}"
     assert covered.issuperset(HELPERS), f"helper kernels not compiled: {set(HELPERS) - covered}"
+
+
+@pytest.mark.parametrize("arch, regs, warps, shared, want", [
+    (90, 175, 8, 73728, 1),    # registers bind: 176 x 32 x 8 = 45056 of 65536
+    (90, 128, 8, 98304, 2),    # registers and shared memory both allow 2
+    (90, 80, 4, 24576, 6),     # 80 x 32 x 4 = 10240 -> 6; shared memory would allow 9
+    (80, 96, 4, 49152, 3),     # shared memory binds: 164 KB / 49 KB
+    (90, 32, 1, 0, 32),        # the cap of 32 programs per SM
+])
+def test_ctas_per_sm(arch, regs, warps, shared, want):
+    from aot_triton import ctas_per_sm
+
+    assert ctas_per_sm(arch, regs, warps, shared) == want
