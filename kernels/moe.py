@@ -10,8 +10,7 @@ Grids are ordered so that the programs sharing an operand block run together and
 Kernels (shapes above each):
 * ``_swiglu_up_kernel``: h = silu(X[token] Wg^T) * (X[token] Wu^T), the gather of token rows fused into
   the A loads and the SwiGLU into the epilogue (one dot over the gate and up weights together, split in
-  the epilogue); optionally also stores the
-  pre-activation for the backward.
+  the epilogue); optionally also stores the pre-activation for the backward.
 * ``_grouped_rows_kernel``: C = (scale * A[a_idx]) @ B[e] per row tile, with optional row gather and
   scale on A, optional scatter of C rows (to slot order: a permutation, so no atomics), or the SwiGLU
   backward in the epilogue (dgate, dup and the recomputed h, scaled by the routing weights). With
@@ -428,14 +427,11 @@ class _Plan:
         self.swiglu_bwd = swiglu_backward_mode()
         self.tma = tma_enabled() and dtype in (torch.float16, torch.bfloat16) and hopper
 
-    def row_tiles(self, block_m: int) -> int:
-        """Row tiles of a row-tile launch: an upper bound of sum_e cdiv(count_e, BM)."""
-        return triton.cdiv(self.routing.num_slots, block_m) + self.routing.num_experts
-
     def rows_grid(self, opts: dict, n: int) -> tuple[int]:
-        """The 1-D grid of a row-tile launch with output width ``n``: row tiles x column tiles, the
-        column tile fastest (_tile_of_program)."""
-        return (self.row_tiles(opts["BM"]) * triton.cdiv(n, opts["BN"]),)
+        """The 1-D grid of a row-tile launch with output width ``n``: row tiles (an upper bound of
+        sum_e cdiv(count_e, BM)) x column tiles, the column tile fastest (_tile_of_program)."""
+        row_tiles = triton.cdiv(self.routing.num_slots, opts["BM"]) + self.routing.num_experts
+        return (row_tiles * triton.cdiv(n, opts["BN"]),)
 
     def launch_opts(self, launch: str) -> dict:
         return {**self.cfg[launch], "COMPUTE": self.compute, "PRECISION": self.precision}
@@ -449,8 +445,9 @@ def swiglu_up(plan: _Plan, hidden, gate_up_proj, store_gu: bool):
     opts = plan.launch_opts("swiglu_up")
     grid = plan.rows_grid(opts, inter)
     w = gate_up_proj
-    if plan.tma and w.stride(2) == 1 and _tma_ok(w) and w.stride(1) * inter * w.element_size() % 16 == 0:
-        # the (E, 2, I, H) view: gate and up rows of one box in one load
+    if plan.tma and w.stride(2) == 1 and _tma_ok(w):
+        # the (E, 2, I, H) view (its new stride, I rows, is 16-byte aligned as a row is): gate and up rows of
+        # one box in one load
         shape, strides = [w.shape[0], 2, inter, w.shape[2]], [w.stride(0), inter * w.stride(1), *w.stride()[1:]]
         w = TensorDescriptor(w, shape, strides, [1, 2, opts["BN"], opts["BK"]])
     _swiglu_up_kernel[grid](hidden, plan.routing.token, w, h, gu, plan.bounds, hidden.shape[1], inter,
