@@ -363,8 +363,20 @@ def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
     omask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
     if SWIGLU_BWD:  # h is stored scaled by the rows' routing weights too (kernels/moe_swiglu.py)
-        swiglu_backward_tile(acc, gu_ptr, dgu_ptr, rows64[:, None] * (2 * N) + cols[None, :], c_ptr,
-                             rows64[:, None] * stride_cm + cols[None, :], row_scale[:, None], N, omask)
+        # In two halves of BN / 2 columns. Compiled for sm_90 (bf16/fp16, Triton 3.6 and 3.8), each half's
+        # accumulator is converted once to the coalesced layout that the gu loads and the three stores then
+        # share: 2 layout conversions where the whole tile took 4, and 97-108 registers where it took 174-187,
+        # so 2 programs fit on an SM instead of 1 and one's epilogue can overlap the other's MMAs
+        # (tests/aot_triton.py; untimed).
+        d0, d1 = acc.reshape(BM, 2, BN // 2).permute(0, 2, 1).split()
+        half = n0 + tl.arange(0, BN // 2)
+        swiglu_backward_tile(d0, gu_ptr, dgu_ptr, rows64[:, None] * (2 * N) + half[None, :], c_ptr,
+                             rows64[:, None] * stride_cm + half[None, :], row_scale[:, None], N,
+                             rmask[:, None] & (half < N)[None, :])
+        half += BN // 2
+        swiglu_backward_tile(d1, gu_ptr, dgu_ptr, rows64[:, None] * (2 * N) + half[None, :], c_ptr,
+                             rows64[:, None] * stride_cm + half[None, :], row_scale[:, None], N,
+                             rmask[:, None] & (half < N)[None, :])
     else:
         if C_SCATTER:
             c_rows = tl.load(c_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)

@@ -188,7 +188,8 @@ def compile_recorded(arch: int) -> list[dict]:
     """Compiles each distinct recorded launch for sm_``arch``; prints one line per compiled kernel and
     returns {"name", "flags" (constexpr arguments), "shared" (bytes), "regs" (per thread), "spills" (spill
     store bytes), "tma_copies" (TMA loads in the TTGIR), "wgmma" (Hopper warp-group MMAs in the TTGIR),
-    "wgmma_in_flight" (the most MMA groups a wait leaves running), "ctas_per_sm" (ctas_per_sm), "aligned"
+    "wgmma_in_flight" (the most MMA groups a wait leaves running), "layout_converts" (register-layout
+    conversions in the TTGIR), "ctas_per_sm" (ctas_per_sm), "aligned"
     (every pointer and int argument 16-divisible)} for each. Fails if a kernel does
     not compile or needs more shared memory than the GPU has. Call it with an empty Triton cache: a cached
     kernel has no ptxas report."""
@@ -243,7 +244,8 @@ def compile_recorded(arch: int) -> list[dict]:
               flush=True)
         compiled_kernels.append({"name": kern.__name__, "flags": flags, "shared": shared, "regs": regs,
                                  "spills": spills, "tma_copies": tma, "wgmma": wgmma,
-                                 "wgmma_in_flight": wgmma_in_flight, "ctas_per_sm": occupancy, "aligned": aligned})
+                                 "wgmma_in_flight": wgmma_in_flight, "layout_converts": converts,
+                                 "ctas_per_sm": occupancy, "aligned": aligned})
     return compiled_kernels
 
 

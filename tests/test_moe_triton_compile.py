@@ -64,6 +64,11 @@ def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, triton_dir, tmp_path):
             # runs. (With unaligned widths some launches wait on every MMA: their masked element-wise loads
             # are not pipelined either; see above.)
             assert kern["wgmma"] >= 1 and kern["wgmma_in_flight"] >= 1, kern
+        if flags.get("SWIGLU_BWD") and flags["COMPUTE"] != "fp32" and kern["aligned"]:
+            # The fused dh epilogue converts each half of the accumulator once into the layout its loads and
+            # stores share, and leaves registers for 2 programs per SM (one's epilogue traffic can overlap the
+            # other's MMAs); the whole-tile epilogue took 4 conversions and fit 1 program on sm_90.
+            assert kern["layout_converts"] <= 2 and kern["ctas_per_sm"] >= 2, kern
         # Accumulators stay in registers: a spill would cost every K step. Widths that are not multiples of 16
         # (the unaligned specialisation: element-wise masked loads) get their own tiles for this
         # (kernels/moe.py _UNALIGNED_TILES).
