@@ -23,7 +23,7 @@ import re
 import numpy as np
 
 LINE = re.compile(r"(?P<dtype>\w+) T=(?P<t>\d+) E=(?P<e>\d+) (?P<launch>\w+)\s+\((?P<tiles>[\d, ]+)\): "
-                  r"(?P<ms>[\d.]+) ms")
+                  r"(?P<ms>[\d.]+|nan) ms")  # nan: a sweep run without a GPU (logic check)
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -42,7 +42,7 @@ def fit(path: str, width: int, k: int) -> list[str]:
     groups: dict[tuple, list[tuple]] = {}
     for line in open(path):
         m = LINE.search(line)
-        if m:
+        if m and m["ms"] != "nan":
             tiles = tuple(int(x) for x in m["tiles"].split(","))
             key = (m["dtype"], int(m["t"]), int(m["e"]), m["launch"])
             groups.setdefault(key, []).append((tiles, float(m["ms"])))

@@ -38,13 +38,17 @@ def test_moe_gpu_gemm_rows(dtype):
 
 
 @pytest.mark.parametrize("dtype, tma", [(torch.float32, False), (torch.bfloat16, True)], ids=str)
-def test_tile_sweep_runs_every_launch(dtype, tma, monkeypatch):
+def test_tile_sweep_runs_every_launch(dtype, tma, monkeypatch, capsys):
+    """Every launch runs; each prints a line that moe_tile_rereads.py can read back (its fit's input)."""
+    import moe_tile_rereads
     import moe_triton_tiles
 
     monkeypatch.setattr(moe_triton_tiles, "CANDIDATES", {n: c[:1] for n, c in moe_triton_tiles.CANDIDATES.items()})
     rows = moe_triton_tiles.sweep_shape(40, 32, 32, 3, 2, dtype, dev="cpu", tma=tma)
     assert [r["launch"] for r in rows] == list(moe_triton_tiles.CANDIDATES)
     assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    parsed = [m["launch"] for m in map(moe_tile_rereads.LINE.search, capsys.readouterr().out.splitlines()) if m]
+    assert parsed == list(moe_triton_tiles.CANDIDATES)
 
 
 def test_launches_compute_the_op():
