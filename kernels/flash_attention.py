@@ -367,9 +367,11 @@ def _tiles(kind: str, head_dim_block: int, dtype: torch.dtype) -> tuple[int, int
     blocks; dq programs the reverse. fp32 (tests) and head dims above 128 take small tiles (register
     pressure). Compiled as the JIT compiles them (``python tests/aot_triton.py --arch 90 --full``,
     benchmarks/results/2026-11-22-aot/), the 16-bit forward and dq kernels spill nothing at head dims
-    64-128 but the dk/dv kernel spills 96-316 bytes per thread at 80-128 on sm_90 (72 on sm_80); smaller
-    dk/dv tiles spill less but were not timed, so these stay until a GPU can time them. fp32 kernels spill
-    kilobytes, which is why ``auto`` does not pick this backend for fp32."""
+    64-128 but the dk/dv kernel spills 312-316 bytes per thread at 80-128 on sm_90 with Triton 3.8 and
+    636-640 with Triton 3.6, the GPU image's (72-80 on sm_80). Ten other dk/dv tiles compiled for sm_90 with
+    Triton 3.6 all spilled too (the least: (16, 128), 8 warps, 24-28 bytes), and none was timed, so these
+    stay until a GPU can time them. fp32 kernels spill kilobytes, which is why ``auto`` does not pick this
+    backend for fp32. tests/test_attention_triton.py holds the 16-bit spills (none; dk/dv at most 640)."""
     if interpreting():
         return INTERPRETER_TILES[0], INTERPRETER_TILES[1], 4, 1
     if dtype == torch.float32 or head_dim_block > 128:

@@ -142,3 +142,14 @@ def test_kernels_compile_for_gpu_ahead_of_time(arch, triton_dir, tmp_path):
     expected = {(name, d) for _, d, _ in CI["attention"]
                 for name in ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel")}
     assert compiled == expected, kernels
+    for k in kernels:
+        if k["flags"].get("PRECISION") == "ieee":
+            continue  # fp32 (exact dots): its forward and dk/dv kernels spill kilobytes; auto does not pick it
+        if k["name"] == "_bwd_dkdv_kernel":
+            # 16-bit dk/dv: spills known and not yet fixed (kernels/flash_attention.py _tiles); a ceiling, so
+            # that they cannot grow unseen
+            assert k["spills"] <= 640, k
+        else:
+            assert k["spills"] == 0, k
+        if arch >= 90 and k["name"] != "_bwd_preprocess":
+            assert k["wgmma"] >= 1, k  # 16-bit dots on Hopper: warp-group MMAs
