@@ -3,14 +3,15 @@ sweep already measured (benchmarks/moe_triton_tiles.py's output), no GPU needed.
 
 A row-tile launch (swiglu_up, down_fwd, dh_swiglu, dx, dh) computes C (S, N) one (BM, BN) tile per program.
 Each program reads a (BM, K) block of the row operand A, so A is read once per column tile: N / BN times.
-With the programs ordered row tile fastest (kernels/moe.py before the column-fastest order), the programs
-that share an A block run a whole grid row apart, and the block has left L2 by then, so each of those reads
-comes from HBM. If so, a launch's time grows by |A| / (HBM rate) per extra column tile. This script fits
+With the programs ordered row tile fastest (kernels/moe.py before 7fff34c, which made the column tile
+fastest), the programs that share an A block ran a whole grid row apart, and the block had left L2 by then,
+so each of those reads came from HBM. If so, a launch's time grows by |A| / (HBM rate) per extra column tile. This script fits
 time = a + b * (N / BN) * |A| over a launch's tile candidates and prints 1 / b, the rate at which the extra
 reads were paid: near the HBM copy rate (about 3 TB/s on an H100) says the re-reads were the cost.
 
-The weight-gradient launches (grid expert fastest, then M, then N) re-read their A operand N / BN times
-the same way; printed with the same fit.
+The weight-gradient launches (before 7fff34c: grid expert fastest, then M, then N) re-read their A operand
+N / BN times the same way; printed with the same fit. On a sweep taken since 7fff34c, slopes near zero say
+the new order removed the re-reads.
 
     python benchmarks/moe_tile_rereads.py benchmarks/results/2026-11-22-h100/moe_triton_tiles_bf16.txt
 """
