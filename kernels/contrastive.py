@@ -10,14 +10,18 @@ logit tiles ``S = scale * rows[r-tile] @ cols[c-tile].T`` in registers:
   tiles: online column log-sum-exp -> clse (ncol,).
 * ``_bwd_rows``  grid over row blocks: dLoss/dS tile G = a_r exp(S - lse_r) + b_c exp(S - clse_c)
   - coef at the positives; dRows = scale * G @ cols, plus each row's term of dLoss/dscale.
-* ``_bwd_cols``  grid over column blocks: the same G tiles, dCols = scale * G.T @ rows.
+* ``_bwd_cols``  grid over column blocks: the same G tiles, transposed, dCols = scale * G.T @ rows.
+
+Every S tile is a small GEMM (``_logits``): a K loop over D in chunks of BD, so a block's embedding is
+never held whole and the blocks can be as tall as the tensor cores want at any D <= 1024 (the backward
+holds a block's (rows, D) float32 gradient in registers, hence the bound).
 
 Memory: O((Nr + Nc)·D). Matrix products: forward 1 (2 symmetric), backward 4 (S recomputed in both
 backward kernels, as the Triton FlashAttention tutorial does instead of atomics).
 
-Status: tested under TRITON_INTERPRET=1 against the reference (fp32/fp16/bf16). Not yet run or
-timed on a GPU; the block sizes below are first guesses. The whole embedding dimension (padded to a
-power of two) is held per tile, so very large D (> 1024) needs smaller row blocks.
+Status: tested under TRITON_INTERPRET=1 against the reference (fp32/fp16/bf16), with the interpreter's
+blocks and with the GPU's. The kernels before the K loop over D ran on an H100 (stop 14: 62 TFLOP/s in
+bf16 at D=512, 11x the time of the same matmuls in cuBLAS); these have only been compiled offline.
 """
 
 from __future__ import annotations
@@ -31,34 +35,45 @@ from moon_fast.ops.contrastive_core import Problem
 
 
 @triton.jit
-def _tile_logits(r, c_ptr, c_offs, c_mask, d_offs, D, stride_c, scale, r_grp, r_id, cg_ptr, cid_ptr,
-                 COMPUTE: tl.constexpr, PRECISION: tl.constexpr, HAS_GROUPS: tl.constexpr):
-    """r (BR, DP) already loaded; returns (S (BR, BC) float32 with excluded/out-of-range = -inf, c (BC, DP))."""
-    c = tl.load(c_ptr + c_offs[:, None] * stride_c + d_offs[None, :],
-                mask=c_mask[:, None] & (d_offs[None, :] < D), other=0.0).to(COMPUTE)
-    s = tl.dot(r, tl.trans(c), input_precision=PRECISION) * scale
-    s = tl.where(c_mask[None, :], s, float("-inf"))
-    if HAS_GROUPS:
-        cg = tl.load(cg_ptr + c_offs, mask=c_mask, other=0)
-        cid = tl.load(cid_ptr + c_offs, mask=c_mask, other=-1)
-        excl = (r_grp[:, None] == cg[None, :]) & (r_id[:, None] != cid[None, :])
-        s = tl.where(excl, float("-inf"), s)
-    return s, c
+def _logits(r_ptr, r_offs, r_mask, c_ptr, c_offs, c_mask, D, stride_r, stride_c,
+            COMPUTE: tl.constexpr, PRECISION: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+            BD: tl.constexpr):
+    """rows[r_offs] (BR, D) @ cols[c_offs].T (D, BC) -> P (BR, BC) float32, unscaled; 0 where masked.
+
+    A GEMM's K loop over D in chunks of BD. Neither block is held whole, so 64-128-row blocks fit on chip at
+    D = 512 and the product takes the tensor cores' large tiles (wgmma on sm_90). The row block's chunks are
+    re-read for every column block (from L2), as a GEMM re-reads its A tiles for every column tile."""
+    p = tl.zeros((BR, BC), tl.float32)
+    for d0 in range(0, D, BD):
+        d_offs = d0 + tl.arange(0, BD)
+        d_in = d_offs < D
+        r = tl.load(r_ptr + r_offs[:, None] * stride_r + d_offs[None, :], mask=r_mask[:, None] & d_in[None, :],
+                    other=0.0).to(COMPUTE)
+        c = tl.load(c_ptr + c_offs[:, None] * stride_c + d_offs[None, :], mask=c_mask[:, None] & d_in[None, :],
+                    other=0.0).to(COMPUTE)
+        p = tl.dot(r, tl.trans(c), p, input_precision=PRECISION)
+    return p
 
 
 @triton.jit
-def _row_block(r_ptr, rg_ptr, rid_ptr, r_offs, r_mask, d_offs, D, stride_r, no_groups,
-               COMPUTE: tl.constexpr, HAS_GROUPS: tl.constexpr):
-    """Rows r_offs (BR,): their embeddings r (BR, DP) in COMPUTE, group and id (BR,) each; without groups
-    both are ``no_groups`` (any (BR,) int tensor: _tile_logits does not read them then)."""
-    r = tl.load(r_ptr + r_offs[:, None] * stride_r + d_offs[None, :],
-                mask=r_mask[:, None] & (d_offs[None, :] < D), other=0.0).to(COMPUTE)
-    r_grp = no_groups
-    r_id = no_groups
+def _groups(g_ptr, id_ptr, offs, mask, HAS_GROUPS: tl.constexpr):
+    """Group and id (B,) of rows or columns ``offs``; without groups ``offs`` twice (not read then)."""
+    grp = offs
+    gid = offs
     if HAS_GROUPS:
-        r_grp = tl.load(rg_ptr + r_offs, mask=r_mask, other=0)
-        r_id = tl.load(rid_ptr + r_offs, mask=r_mask, other=-1)
-    return r, r_grp, r_id
+        grp = tl.load(g_ptr + offs, mask=mask, other=0)
+        gid = tl.load(id_ptr + offs, mask=mask, other=-1)
+    return grp, gid
+
+
+@triton.jit
+def _logits_masked(p, scale, r_mask, c_mask, r_grp, r_id, c_grp, c_id, HAS_GROUPS: tl.constexpr):
+    """S = scale * P (BR, BC) with out-of-range and excluded (same group, other id) entries at -inf."""
+    s = tl.where(r_mask[:, None] & c_mask[None, :], p * scale, float("-inf"))
+    if HAS_GROUPS:
+        excl = (r_grp[:, None] == c_grp[None, :]) & (r_id[:, None] != c_id[None, :])
+        s = tl.where(excl, float("-inf"), s)
+    return s
 
 
 # rows (Nr, D), cols (Nc, D), pos/rg/rid (Nr,), cg/cid (Nc,) -> lse (Nr,), spos (Nr,)
@@ -66,23 +81,23 @@ def _row_block(r_ptr, rg_ptr, rid_ptr, r_offs, r_mask, d_offs, D, stride_r, no_g
 def _fwd_rows(r_ptr, c_ptr, scale_ptr, pos_ptr, rg_ptr, rid_ptr, cg_ptr, cid_ptr, lse_ptr, spos_ptr,
               Nr, Nc, D, stride_r, stride_c,
               HAS_GROUPS: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-              BR: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr):
+              BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
     pid = tl.program_id(0)
     r_offs = pid * BR + tl.arange(0, BR)
     r_mask = r_offs < Nr
-    d_offs = tl.arange(0, DP)
     scale = tl.load(scale_ptr).to(tl.float32)
     pos = tl.load(pos_ptr + r_offs, mask=r_mask, other=-1)
-    r, r_grp, r_id = _row_block(r_ptr, rg_ptr, rid_ptr, r_offs, r_mask, d_offs, D, stride_r, pos, COMPUTE,
-                                HAS_GROUPS)
+    r_grp, r_id = _groups(rg_ptr, rid_ptr, r_offs, r_mask, HAS_GROUPS)
     m_i = tl.full((BR,), float("-inf"), tl.float32)
     l_i = tl.zeros((BR,), tl.float32)
     sp = tl.zeros((BR,), tl.float32)
     for c0 in range(0, Nc, BC):
         c_offs = c0 + tl.arange(0, BC)
         c_mask = c_offs < Nc
-        s, c = _tile_logits(r, c_ptr, c_offs, c_mask, d_offs, D, stride_c, scale, r_grp, r_id, cg_ptr, cid_ptr,
-                            COMPUTE, PRECISION, HAS_GROUPS)
+        c_grp, c_id = _groups(cg_ptr, cid_ptr, c_offs, c_mask, HAS_GROUPS)
+        p = _logits(r_ptr, r_offs, r_mask, c_ptr, c_offs, c_mask, D, stride_r, stride_c, COMPUTE, PRECISION,
+                    BR, BC, BD)
+        s = _logits_masked(p, scale, r_mask, c_mask, r_grp, r_id, c_grp, c_id, HAS_GROUPS)
         sp += tl.sum(tl.where(c_offs[None, :] == pos[:, None], s, 0.0), 1)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -97,22 +112,21 @@ def _fwd_rows(r_ptr, c_ptr, scale_ptr, pos_ptr, rg_ptr, rid_ptr, cg_ptr, cid_ptr
 def _fwd_cols(r_ptr, c_ptr, scale_ptr, rg_ptr, rid_ptr, cg_ptr, cid_ptr, clse_ptr,
               Nr, ncol, D, stride_r, stride_c,
               HAS_GROUPS: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-              BR: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr):
+              BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
     pid = tl.program_id(0)
     c_offs = pid * BC + tl.arange(0, BC)
     c_mask = c_offs < ncol
-    d_offs = tl.arange(0, DP)
     scale = tl.load(scale_ptr).to(tl.float32)
+    c_grp, c_id = _groups(cg_ptr, cid_ptr, c_offs, c_mask, HAS_GROUPS)
     m_j = tl.full((BC,), float("-inf"), tl.float32)
     l_j = tl.zeros((BC,), tl.float32)
     for r0 in range(0, Nr, BR):
         r_offs = r0 + tl.arange(0, BR)
         r_mask = r_offs < Nr
-        r, r_grp, r_id = _row_block(r_ptr, rg_ptr, rid_ptr, r_offs, r_mask, d_offs, D, stride_r, r_offs, COMPUTE,
-                                    HAS_GROUPS)
-        s, c = _tile_logits(r, c_ptr, c_offs, c_mask, d_offs, D, stride_c, scale, r_grp, r_id, cg_ptr, cid_ptr,
-                            COMPUTE, PRECISION, HAS_GROUPS)
-        s = tl.where(r_mask[:, None], s, float("-inf"))
+        r_grp, r_id = _groups(rg_ptr, rid_ptr, r_offs, r_mask, HAS_GROUPS)
+        p = _logits(r_ptr, r_offs, r_mask, c_ptr, c_offs, c_mask, D, stride_r, stride_c, COMPUTE, PRECISION,
+                    BR, BC, BD)
+        s = _logits_masked(p, scale, r_mask, c_mask, r_grp, r_id, c_grp, c_id, HAS_GROUPS)
         m_new = tl.maximum(m_j, tl.max(s, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_j = l_j * tl.exp(m_j - m_safe) + tl.sum(tl.exp(s - m_safe[None, :]), 0)
@@ -121,77 +135,101 @@ def _fwd_cols(r_ptr, c_ptr, scale_ptr, rg_ptr, rid_ptr, cg_ptr, cid_ptr, clse_pt
 
 
 @triton.jit
-def _grad_tile(s, lse, a, pos, pos_coef, c_offs, clse_ptr, b_ptr, ncol, SYM: tl.constexpr):
-    """G = a_r exp(S - lse_r) [+ b_c exp(S - clse_c) for c < ncol] - pos_coef_r at (r, pos_r)."""
-    g = a[:, None] * tl.exp(s - lse[:, None])
+def _grad_tile(s, a, lse, pc, is_pos, b, clse, in_col, SYM: tl.constexpr):
+    """dLoss/dS: G = a_r exp(S - lse_r) [+ b_c exp(S - clse_c) where c < ncol] - pc_r where c = pos_r.
+
+    Every argument but ``s`` comes broadcastable to its shape: the row kernels pass row vectors as
+    (BR, 1) and column vectors as (1, BC), _bwd_cols the transpose, so both take the tile their own
+    block is the M side of. 0 where S is -inf (out of range or excluded), except at a positive."""
+    g = a * tl.exp(s - lse)
     if SYM:
-        in_col = c_offs < ncol
+        # where, not a multiply by b = 0: exp(S) alone can overflow beyond ncol
+        g += tl.where(in_col, b * tl.exp(s - clse), 0.0)
+    return g - tl.where(is_pos, pc, 0.0)
+
+
+@triton.jit
+def _col_terms(clse_ptr, b_ptr, c_offs, ncol, SYM: tl.constexpr):
+    """The symmetric loss's column terms for columns c_offs (BC,): clse (-inf -> 0), b, and c < ncol."""
+    in_col = c_offs < ncol
+    clse = c_offs.to(tl.float32)
+    b = clse
+    if SYM:
         clse = tl.load(clse_ptr + c_offs, mask=in_col, other=0.0)
         clse = tl.where(clse == float("-inf"), 0.0, clse)
         b = tl.load(b_ptr + c_offs, mask=in_col, other=0.0)
-        g += tl.where(in_col[None, :], b[None, :] * tl.exp(s - clse[None, :]), 0.0)
-    g -= tl.where(c_offs[None, :] == pos[:, None], pos_coef[:, None], 0.0)
-    return g
+    return clse, b, in_col
 
 
-# -> dR (Nr, D) float32 = scale * G @ cols, v (Nr,) = sum_c G_rc (rows @ cols.T)_rc
+# -> dR (Nr, D) float32 = scale * G @ cols, v (Nr,) = sum_c G_rc P_rc (P = rows @ cols.T)
 @triton.jit
 def _bwd_rows(r_ptr, c_ptr, scale_ptr, pos_ptr, rg_ptr, rid_ptr, cg_ptr, cid_ptr, lse_ptr, a_ptr, pc_ptr,
               clse_ptr, b_ptr, dr_ptr, v_ptr, Nr, Nc, ncol, D, stride_r, stride_c,
               HAS_GROUPS: tl.constexpr, SYM: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-              BR: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr):
+              BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr):
     pid = tl.program_id(0)
     r_offs = pid * BR + tl.arange(0, BR)
     r_mask = r_offs < Nr
     d_offs = tl.arange(0, DP)
     scale = tl.load(scale_ptr).to(tl.float32)
     pos = tl.load(pos_ptr + r_offs, mask=r_mask, other=-1)
-    r, r_grp, r_id = _row_block(r_ptr, rg_ptr, rid_ptr, r_offs, r_mask, d_offs, D, stride_r, pos, COMPUTE,
-                                HAS_GROUPS)
+    r_grp, r_id = _groups(rg_ptr, rid_ptr, r_offs, r_mask, HAS_GROUPS)
     lse = tl.load(lse_ptr + r_offs, mask=r_mask, other=0.0)
     a = tl.load(a_ptr + r_offs, mask=r_mask, other=0.0)
     pc = tl.load(pc_ptr + r_offs, mask=r_mask, other=0.0)
     acc = tl.zeros((BR, DP), tl.float32)
+    v = tl.zeros((BR,), tl.float32)
     for c0 in range(0, Nc, BC):
         c_offs = c0 + tl.arange(0, BC)
         c_mask = c_offs < Nc
-        s, c = _tile_logits(r, c_ptr, c_offs, c_mask, d_offs, D, stride_c, scale, r_grp, r_id, cg_ptr, cid_ptr,
-                            COMPUTE, PRECISION, HAS_GROUPS)
-        g = _grad_tile(s, lse, a, pos, pc, c_offs, clse_ptr, b_ptr, ncol, SYM)
-        g = tl.where(c_mask[None, :], g, 0.0)
-        acc += tl.dot(g.to(COMPUTE), c, input_precision=PRECISION)
-    v = tl.sum(acc * r.to(tl.float32), 1)
+        c_grp, c_id = _groups(cg_ptr, cid_ptr, c_offs, c_mask, HAS_GROUPS)
+        p = _logits(r_ptr, r_offs, r_mask, c_ptr, c_offs, c_mask, D, stride_r, stride_c, COMPUTE, PRECISION,
+                    BR, BC, BD)
+        s = _logits_masked(p, scale, r_mask, c_mask, r_grp, r_id, c_grp, c_id, HAS_GROUPS)
+        clse, b, in_col = _col_terms(clse_ptr, b_ptr, c_offs, ncol, SYM)
+        g = _grad_tile(s, a[:, None], lse[:, None], pc[:, None], c_offs[None, :] == pos[:, None], b[None, :],
+                       clse[None, :], in_col[None, :], SYM)
+        # dLoss/dscale's share of these rows: sum_c G P (P is finite everywhere, unlike S)
+        v += tl.sum(g * p, 1)
+        c = tl.load(c_ptr + c_offs[:, None] * stride_c + d_offs[None, :],
+                    mask=c_mask[:, None] & (d_offs[None, :] < D), other=0.0).to(COMPUTE)
+        acc = tl.dot(g.to(COMPUTE), c, acc, input_precision=PRECISION)
     d_mask = r_mask[:, None] & (d_offs[None, :] < D)
     tl.store(dr_ptr + r_offs[:, None] * D + d_offs[None, :], acc * scale, mask=d_mask)
     tl.store(v_ptr + r_offs, v, mask=r_mask)
 
 
-# -> dC (Nc, D) float32 = scale * G.T @ rows
+# -> dC (Nc, D) float32 = scale * G.T @ rows. Works on transposed tiles (columns x rows, from cols @ rows.T), so
+# that its column block is both products' M side (wgmma on sm_90 needs M >= 64) and G.T needs no transpose.
 @triton.jit
 def _bwd_cols(r_ptr, c_ptr, scale_ptr, pos_ptr, rg_ptr, rid_ptr, cg_ptr, cid_ptr, lse_ptr, a_ptr, pc_ptr,
               clse_ptr, b_ptr, dc_ptr, Nr, Nc, ncol, D, stride_r, stride_c,
               HAS_GROUPS: tl.constexpr, SYM: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-              BR: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr):
+              BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr):
     pid = tl.program_id(0)
     c_offs = pid * BC + tl.arange(0, BC)
     c_mask = c_offs < Nc
     d_offs = tl.arange(0, DP)
     scale = tl.load(scale_ptr).to(tl.float32)
+    c_grp, c_id = _groups(cg_ptr, cid_ptr, c_offs, c_mask, HAS_GROUPS)
+    clse, b, in_col = _col_terms(clse_ptr, b_ptr, c_offs, ncol, SYM)
     acc = tl.zeros((BC, DP), tl.float32)
     for r0 in range(0, Nr, BR):
         r_offs = r0 + tl.arange(0, BR)
         r_mask = r_offs < Nr
         pos = tl.load(pos_ptr + r_offs, mask=r_mask, other=-1)
-        r, r_grp, r_id = _row_block(r_ptr, rg_ptr, rid_ptr, r_offs, r_mask, d_offs, D, stride_r, pos, COMPUTE,
-                                    HAS_GROUPS)
+        r_grp, r_id = _groups(rg_ptr, rid_ptr, r_offs, r_mask, HAS_GROUPS)
         lse = tl.load(lse_ptr + r_offs, mask=r_mask, other=0.0)
         a = tl.load(a_ptr + r_offs, mask=r_mask, other=0.0)
         pc = tl.load(pc_ptr + r_offs, mask=r_mask, other=0.0)
-        s, c = _tile_logits(r, c_ptr, c_offs, c_mask, d_offs, D, stride_c, scale, r_grp, r_id, cg_ptr, cid_ptr,
-                            COMPUTE, PRECISION, HAS_GROUPS)
-        g = _grad_tile(s, lse, a, pos, pc, c_offs, clse_ptr, b_ptr, ncol, SYM)
-        g = tl.where(r_mask[:, None] & c_mask[None, :], g, 0.0)
-        acc += tl.dot(tl.trans(g.to(COMPUTE)), r, input_precision=PRECISION)
+        p_t = _logits(c_ptr, c_offs, c_mask, r_ptr, r_offs, r_mask, D, stride_c, stride_r, COMPUTE, PRECISION,
+                      BC, BR, BD)
+        s_t = _logits_masked(p_t, scale, c_mask, r_mask, c_grp, c_id, r_grp, r_id, HAS_GROUPS)
+        g_t = _grad_tile(s_t, a[None, :], lse[None, :], pc[None, :], c_offs[:, None] == pos[None, :], b[:, None],
+                         clse[:, None], in_col[:, None], SYM)
+        r = tl.load(r_ptr + r_offs[:, None] * stride_r + d_offs[None, :],
+                    mask=r_mask[:, None] & (d_offs[None, :] < D), other=0.0).to(COMPUTE)
+        acc = tl.dot(g_t.to(COMPUTE), r, acc, input_precision=PRECISION)
     tl.store(dc_ptr + c_offs[:, None] * D + d_offs[None, :], acc * scale,
              mask=c_mask[:, None] & (d_offs[None, :] < D))
 
@@ -199,42 +237,43 @@ def _bwd_cols(r_ptr, c_ptr, scale_ptr, pos_ptr, rg_ptr, rid_ptr, cg_ptr, cid_ptr
 # ----------------------------------------------------------------------------- launchers
 
 def _config(D: int, dtype: torch.dtype) -> dict:
-    """Block sizes. On a GPU the whole (padded) embedding of a row/column block is held on chip; these
-    choices keep every kernel under 130 KiB of shared memory on sm_80 and sm_90 (checked by compiling each
-    launch offline as the JIT would, tests/aot_triton.py with Triton 3.6 and 3.8, not by running it: no GPU
-    was available)."""
+    """Block sizes for embedding width D: {"DP": D padded to a power of two (>= 16), "fwd": the forward
+    kernels' blocks, "bwd": the backward kernels'}. A block is a dict of BR (rows per program of a row
+    kernel), BC (columns per step), BD (the chunk of D of the K loop), num_warps, num_stages; the column
+    kernels take it transposed (_col_launch). Under the interpreter, small blocks with BD < DP at the tests'
+    widths, so the K loop runs several chunks, the last partial; on a GPU, _gpu_config."""
     dp = max(16, next_power_of_2(D))
     if interpreting():
-        return dict(BR=32, BC=32, DP=dp, num_warps=4, num_stages=1, BWD_STEP=None, BWD_WARPS=4)
+        blocks = dict(BR=32, BC=32, BD=16, num_warps=4, num_stages=1)
+        return dict(DP=dp, fwd=blocks, bwd=dict(blocks))
+    return _gpu_config(D, dtype)
+
+
+def _gpu_config(D: int, dtype: torch.dtype) -> dict:
+    """_config on a GPU. Chosen by compiling every launch offline as the JIT would (tests/aot_triton.py
+    --full, Triton 3.6 and 3.8, sm_80 and sm_90), not by timing: no GPU was lent since the K loop over D.
+
+    * 16-bit forward: (128 rows, 64 columns, D in chunks of 64), 8 warps, 3 stages. The old kernels held a
+      32-row block's whole embedding, too few rows for Hopper's wgmma (which takes 64 per warp group): on an
+      H100 they ran at 62 TFLOP/s against 618 for the same matmuls in cuBLAS (bf16, D=512, B=16384;
+      benchmarks/results/2026-11-22-h100/bench_results_7f37d48.csv).
+    * 16-bit backward: 64-row blocks (the (64, D) float32 gradient block is held in registers: 128 per
+      thread at D=512 over 8 warps) stepping 32 columns; 32-row blocks at D=1024.
+    * fp32: exact products (FMA, no tensor cores) with 32-row blocks and 8 warps, the sizes that kept ptxas
+      from spilling kilobytes of registers (README, "Offline compile checks")."""
+    dp = max(16, next_power_of_2(D))
     if dp > 1024:
         raise ValueError(f"contrastive_loss(backend='triton'): embedding dimension {D} > 1024 is not supported "
-                         "by the fused kernels; use backend='torch' or 'cuda'")
-    wide = torch.empty((), dtype=dtype).element_size() >= 4
-    if wide:
-        # Exact fp32 products (FMA, no tensor cores). (32, 64) row x column blocks spilled in the forward
-        # kernels, differently in each Triton: with Triton 3.6 (torch 2.11's, pyproject's oldest) 6.1-6.7 KB per
-        # thread at D=128 and 4 warps on sm_90 (a 5.3 KB stack frame, 32 registers) and 324 bytes at D=64; with
-        # Triton 3.8, 340 bytes at D=256. (32, 32) with 8 warps spills nothing at D = 64-256 with either Triton
-        # on sm_80 or sm_90 (tests/aot_triton.py --full; benchmarks/results/2026-11-23-aot/).
-        br, bc = (32, 32) if dp <= 512 else (16, 16)
-        stages, warps = 2, 8
+                         "by the fused kernels (the backward holds a block's whole gradient); use "
+                         "backend='torch' or 'cuda'")
+    bd = min(dp, 64)
+    if torch.empty((), dtype=dtype).element_size() >= 4:
+        fwd = dict(BR=32, BC=32, BD=bd, num_warps=8, num_stages=2)
+        bwd = dict(BR=32 if dp <= 512 else 16, BC=16, BD=bd, num_warps=8, num_stages=2)
     else:
-        if dp <= 256:
-            br, bc, stages = 64, 64, 3
-        elif dp <= 512:
-            br, bc, stages = 32, 64, 2
-        else:
-            br, bc, stages = 16, 32, 2
-        warps = 4 if dp <= 128 else 8
-    # The backward kernels step through columns (_bwd_rows) or rows (_bwd_cols) BWD_STEP at a time. With
-    # the forward's block sizes ptxas spilled registers: up to 14 KB per thread in the fp32 _bwd_rows (exact,
-    # non-tensor-core products hold bigger operand fragments; sm_80, D=128) and 296 bytes in the 16-bit
-    # _bwd_cols (sm_90, D=256). A step of 16 with 8 warps (fp32), 32 (16-bit, D <= 256) spills at most 4 bytes
-    # on sm_80 and sm_90 for D up to 1024 (python tests/aot_triton.py --arch 90 --full --ops contrastive;
-    # tests/test_contrastive_triton_compile.py checks it). Chosen from compiles, not timings: no GPU here.
-    step = 16 if wide else (32 if dp <= 256 else None)
-    return dict(BR=br, BC=bc, DP=dp, num_warps=warps, num_stages=stages, BWD_STEP=step,
-                BWD_WARPS=8 if wide else warps)
+        fwd = dict(BR=128, BC=64, BD=bd, num_warps=8, num_stages=3)
+        bwd = dict(BR=64 if dp <= 512 else 32, BC=32, BD=bd, num_warps=8, num_stages=2)
+    return dict(DP=dp, fwd=fwd, bwd=bwd)
 
 
 def _common(p: Problem):
@@ -249,6 +288,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _col_launch(blocks: dict) -> dict:
+    """A column kernel's meta-parameters from a _config block: its column block (BC) takes the row block's
+    height and its step over rows (BR) the row kernels' step over columns, so both kernels hold tiles of the
+    same shape (_bwd_cols computes its tiles transposed, its block on the M side)."""
+    return {**blocks, "BR": blocks["BC"], "BC": blocks["BR"]}
+
+
 class TritonLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows_in, cols_in, scale, p: Problem):
@@ -256,31 +302,31 @@ class TritonLoss(torch.autograd.Function):
         Nr, D = rows.shape
         Nc = cols.shape[0]
         cfg = _config(D, rows.dtype)
-        meta = dict(HAS_GROUPS=p.has_groups, COMPUTE=compute_dtype_for(rows.dtype),
-                    PRECISION=_precision(rows.dtype), BR=cfg["BR"], BC=cfg["BC"], DP=cfg["DP"],
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        flags = dict(HAS_GROUPS=p.has_groups, COMPUTE=compute_dtype_for(rows.dtype), PRECISION=_precision(rows.dtype))
         scale_f = scale.detach().float().reshape(1).contiguous()
         lse = torch.full((Nr,), float("nan"), dtype=torch.float32, device=rows.device)
         spos = torch.full((Nr,), float("nan"), dtype=torch.float32, device=rows.device)
-        _fwd_rows[(triton.cdiv(Nr, cfg["BR"]),)](rows, cols, scale_f, p.pos, rg, rid, cg, cid, lse, spos,
-                                                 Nr, Nc, D, rows.stride(0), cols.stride(0), **meta)
+        meta = cfg["fwd"]
+        _fwd_rows[(triton.cdiv(Nr, meta["BR"]),)](rows, cols, scale_f, p.pos, rg, rid, cg, cid, lse, spos,
+                                                  Nr, Nc, D, rows.stride(0), cols.stride(0), **flags, **meta)
         per_row = p.row_coef * (lse - spos)
         ncol = 0
         clse = lse.new_empty(0)
         if p.symmetric:
             ncol = int(p.pos.max()) + 1
             clse = torch.full((ncol,), float("nan"), dtype=torch.float32, device=rows.device)
-            _fwd_cols[(triton.cdiv(ncol, cfg["BC"]),)](rows, cols, scale_f, rg, rid, cg, cid, clse,
-                                                       Nr, ncol, D, rows.stride(0), cols.stride(0), **meta)
+            meta = _col_launch(cfg["fwd"])
+            _fwd_cols[(triton.cdiv(ncol, meta["BC"]),)](rows, cols, scale_f, rg, rid, cg, cid, clse,
+                                                        Nr, ncol, D, rows.stride(0), cols.stride(0), **flags, **meta)
             per_row = per_row + p.col_coef * (clse[p.pos] - spos)
-        ctx.p, ctx.meta, ctx.ncol, ctx.bwd = p, meta, ncol, (cfg["BWD_STEP"], cfg["BWD_WARPS"])
+        ctx.p, ctx.flags, ctx.cfg, ctx.ncol = p, flags, cfg, ncol
         ctx.save_for_backward(rows, cols, scale, scale_f, lse, clse)
         return p.segment_sum(per_row)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, go):
-        p, meta, ncol = ctx.p, ctx.meta, ctx.ncol
+        p, flags, cfg, ncol = ctx.p, ctx.flags, ctx.cfg, ctx.ncol
         rows, cols, scale, scale_f, lse, clse = ctx.saved_tensors
         _, _, (rg, rid, cg, cid) = _common(p)
         Nr, D = rows.shape
@@ -298,14 +344,13 @@ class TritonLoss(torch.autograd.Function):
         v = torch.full((Nr,), float("nan"), dtype=torch.float32, device=rows.device)
         dc = torch.full((Nc, D), float("nan"), dtype=torch.float32, device=rows.device)
         args = (rows, cols, scale_f, p.pos, rg, rid, cg, cid, lse, a, pos_coef, clse, b)
-        step, warps = ctx.bwd  # the backward's loop step and warps (_config)
-        meta_rows = {**meta, "BC": step or meta["BC"], "num_warps": warps}
+        flags = {**flags, "SYM": p.symmetric, "DP": cfg["DP"]}
+        meta = cfg["bwd"]
         _bwd_rows[(triton.cdiv(Nr, meta["BR"]),)](*args, dr, v, Nr, Nc, ncol, D, rows.stride(0), cols.stride(0),
-                                                  SYM=p.symmetric, **meta_rows)
-        # _bwd_cols accumulates a (BC, DP) block: give it the row kernels' (register-sized) block height.
-        meta_cols = {**meta, "BC": meta["BR"], "BR": step or meta["BR"], "num_warps": warps}
-        _bwd_cols[(triton.cdiv(Nc, meta_cols["BC"]),)](*args, dc, Nr, Nc, ncol, D, rows.stride(0), cols.stride(0),
-                                                       SYM=p.symmetric, **meta_cols)
+                                                  **flags, **meta)
+        meta = _col_launch(cfg["bwd"])
+        _bwd_cols[(triton.cdiv(Nc, meta["BC"]),)](*args, dc, Nr, Nc, ncol, D, rows.stride(0), cols.stride(0),
+                                                  **flags, **meta)
         dscale = v.sum().to(scale.dtype).reshape(scale.shape)
         return dr.to(rows.dtype), dc.to(cols.dtype), dscale, None
 

@@ -238,23 +238,32 @@ def test_backend_matches_reference_fp32(backend, case, reduction, n, m, d, scale
           floor=2e-6 * max(10.0, scale))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["all", "sym_perm_groups"])
-def test_triton_backward_with_its_own_step(case, monkeypatch, device):
-    """On a GPU the fp32 backward kernels step through 16 columns (rows) at a time, not the forward's block
-    (kernels/contrastive.py _config, BWD_STEP): the same kernels (under the interpreter without a GPU) with
-    that step, at sizes that leave partial blocks, against the reference."""
+def test_triton_with_the_gpu_blocks(case, dtype, monkeypatch, device):
+    """On a GPU the kernels take other blocks than under the interpreter (kernels/contrastive.py _gpu_config):
+    row and column blocks of different sizes (transposed in the column kernels), a backward stepping fewer
+    columns than the forward, and a K loop over D in chunks of 64, the last one partial here (D = 100). The
+    same kernels with those blocks, under the interpreter, against the reference."""
     import moon_fast.kernels.contrastive as kernels
 
     _skip_unavailable("triton", device)
-    interpreter_config = kernels._config
-    monkeypatch.setattr(kernels, "_config", lambda d, dtype: {**interpreter_config(d, dtype), "BWD_STEP": 16})
-    gen = _gen("bwd_step", case)
-    n, m, d = 45, 71, 24
-    q, k, s = make_inputs(n, m, d, scale=30.0, gen=gen, device=device)
+    monkeypatch.setattr(kernels, "_config", kernels._gpu_config)
+    cfg = kernels._gpu_config(100, dtype)
+    assert cfg["bwd"]["BC"] < cfg["fwd"]["BC"] and (dtype == torch.float32 or cfg["fwd"]["BR"] != cfg["fwd"]["BC"])
+    assert cfg["fwd"]["BD"] == cfg["bwd"]["BD"] == 64 < cfg["DP"] == 128
+    gen = _gen("gpu_blocks", case, dtype)
+    n, m, d = 45, 71, 100
+    q, k, s = make_inputs(n, m, d, scale=30.0, dtype=dtype, gen=gen, device=device)
     kw = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in options(case, n, m, gen).items()}
     up = _upstream("none", n, gen)
-    check(run("triton", q, k, s, upstream=up, reduction="none", **kw),
-          run("reference", q, k, s, upstream=up, reduction="none", **kw), floor=6e-5)
+    got = run("triton", q, k, s, upstream=up, reduction="none", **kw)
+    if dtype == torch.float32:
+        check(got, run("reference", q, k, s, upstream=up, reduction="none", **kw), floor=6e-5)
+    else:
+        ref_lp = run("reference", q, k, s, upstream=up, reduction="none", **kw)
+        check_low_precision(got, ref_lp, run("reference", q.float(), k.float(), s, upstream=up, reduction="none",
+                                             **kw))
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
