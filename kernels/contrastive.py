@@ -258,7 +258,7 @@ def _gpu_config(D: int, dtype: torch.dtype) -> dict:
       H100 they ran at 62 TFLOP/s against 618 for the same matmuls in cuBLAS (bf16, D=512, B=16384;
       benchmarks/results/2026-11-22-h100/bench_results_7f37d48.csv).
     * 16-bit backward: 64-row blocks (the (64, D) float32 gradient block is held in registers: 128 per
-      thread at D=512 over 8 warps) stepping 32 columns; 32-row blocks at D=1024.
+      thread at D=512 over 8 warps) stepping 32 columns; at D=1024, 32-row blocks stepping 16 (no wgmma).
     * fp32: exact products (FMA, no tensor cores) with 32-row blocks and 8 warps, the sizes that kept ptxas
       from spilling kilobytes of registers (README, "Offline compile checks")."""
     dp = max(16, next_power_of_2(D))
@@ -266,13 +266,16 @@ def _gpu_config(D: int, dtype: torch.dtype) -> dict:
         raise ValueError(f"contrastive_loss(backend='triton'): embedding dimension {D} > 1024 is not supported "
                          "by the fused kernels (the backward holds a block's whole gradient); use "
                          "backend='torch' or 'cuda'")
-    bd = min(dp, 64)
+    # The backward's K loop takes chunks of 32: with 64 ptxas spilled 8-36 bytes (fp32 at D=128, 16-bit at
+    # D=1024 and, on sm_80, 16-bit at D=512), with 32 nothing.
+    bd_fwd, bd_bwd = min(dp, 64), min(dp, 32)
     if torch.empty((), dtype=dtype).element_size() >= 4:
-        fwd = dict(BR=32, BC=32, BD=bd, num_warps=8, num_stages=2)
-        bwd = dict(BR=32 if dp <= 512 else 16, BC=16, BD=bd, num_warps=8, num_stages=2)
+        fwd = dict(BR=32, BC=32, BD=bd_fwd, num_warps=8, num_stages=2)
+        bwd = dict(BR=32 if dp <= 512 else 16, BC=16, BD=bd_bwd, num_warps=8, num_stages=2)
     else:
-        fwd = dict(BR=128, BC=64, BD=bd, num_warps=8, num_stages=3)
-        bwd = dict(BR=64 if dp <= 512 else 32, BC=32, BD=bd, num_warps=8, num_stages=2)
+        fwd = dict(BR=128, BC=64, BD=bd_fwd, num_warps=8, num_stages=3)
+        bwd = (dict(BR=64, BC=32, BD=bd_bwd, num_warps=8, num_stages=2) if dp <= 512
+               else dict(BR=32, BC=16, BD=bd_bwd, num_warps=8, num_stages=2))
     return dict(DP=dp, fwd=fwd, bwd=bwd)
 
 
