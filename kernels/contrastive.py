@@ -150,7 +150,8 @@ def _grad_tile(s, a, lse, pc, is_pos, b, clse, in_col, SYM: tl.constexpr):
 
 @triton.jit
 def _col_terms(clse_ptr, b_ptr, c_offs, ncol, SYM: tl.constexpr):
-    """The symmetric loss's column terms for columns c_offs (BC,): clse (-inf -> 0), b, and c < ncol."""
+    """The symmetric loss's column terms for columns c_offs (BC,): clse (-inf -> 0), b, and c < ncol.
+    Without SYM, clse and b are placeholders of the right shape that _grad_tile does not read."""
     in_col = c_offs < ncol
     clse = c_offs.to(tl.float32)
     b = clse
