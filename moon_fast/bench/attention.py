@@ -3,7 +3,8 @@
 * dense: FlashAttention's benchmark shape: a fixed token budget split into ``batch = tokens // seqlen``
   sequences, ``heads = hidden // head_dim``; seqlens 512..8192, head dims 64 / 80 / 128, non-causal, plus
   causal at head dim 128 (16384 tokens x 2048 wide on a GPU; 8192 x 1024 on a CPU; ``quick``: 4096 x
-  1024 at 512 and 1024 only). Backends ``reference`` (materialised fp32 softmax), ``sdpa``, ``torch``,
+  1024 at 512 and 1024 only), and (not ``quick``) one causal grouped-query case at head dim 128, S=2048,
+  4 query heads per K/V head (a decoder's layout). Backends ``reference`` (materialised fp32 softmax), ``sdpa``, ``torch``,
   ``triton`` (not timed on the CPU: interpreter), ``flash_attn`` (peer, when installed).
 * varlen: a packed batch of sequences of random lengths 1..max_len (the vision encoder's images, packed
   text samples), GQA 4:1. Ours (``torch``, ``triton``, ``flash_attn``) take cu_seqlens; peers
@@ -127,6 +128,13 @@ def cases(quick: bool) -> list[Case]:
                             continue  # B x H x S^2 fp32 scores: tens of GB
                         out.append(Case(OP, be, dt, params, "moon_fast.bench.attention:build_dense",
                                         label=f"d={d}{' causal' if causal else ''} S={s}"))
+        if not quick:  # a decoder's grouped-query attention: 4 query heads per K/V head, causal
+            heads = max(4, hidden // 128)
+            params = dict(batch=max(1, tokens // 2048), seqlen=2048, heads=heads, kv_heads=heads // 4, head_dim=128,
+                          causal=True)
+            for be in BACKENDS:
+                out.append(Case(OP, be, dt, params, "moon_fast.bench.attention:build_dense",
+                                label="d=128 causal gqa=4 S=2048"))
         # Varlen memory case: Qwen2-VL-like vision packing (head dim 80) and packed causal text (GQA 4:1).
         vl = [(64, 512, 16, 16, 80, False), (64, 1024, 16, 4, 128, True)]
         if quick:
