@@ -129,7 +129,7 @@ elif $PY -c "import pytest" 2>/dev/null; then
   # Triton attention tests (their device is CUDA when there is one) and the contrastive tests that take
   # the device fixture. Left out: the offline compile checks (CPU-only, Triton-version internals) and the
   # CPU emulator of the csrc kernels (not built here), which CI runs.
-  TESTS="tests/test_moe_op.py::test_backend_matches_reference_on_cuda tests/test_moe_op.py::test_triton_modes_match_reference_on_cuda tests/test_moe_triton_parts.py tests/test_bench_launches.py tests/test_attention_triton.py tests/test_contrastive.py tests/test_eval_metrics.py"
+  TESTS="tests/test_moe_op.py::test_backend_matches_reference_on_cuda tests/test_moe_op.py::test_triton_modes_match_reference_on_cuda tests/test_moe_triton_parts.py tests/test_bench_launches.py tests/test_attention_triton.py tests/test_attention.py::test_torch_varlen_matches_reference_on_cuda tests/test_contrastive.py tests/test_eval_metrics.py"
   SELECT=(-k "not ahead_of_time and not cuda_emu and not csrc_tile_ops")
   [[ $DRY == 1 ]] && { TESTS=tests/test_bench_flops.py; SELECT=(); }
   say "tests on CUDA: $TESTS (budget ${TEST_BUDGET}s)"

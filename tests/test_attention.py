@@ -303,6 +303,97 @@ def test_empty_inputs():
     assert flash_attention(q, k, v, cu_seqlens_q=z, cu_seqlens_k=z).shape == (0, 2, 16)
 
 
+# ----------------------------------------------------------------------------- torch_varlen
+
+def _varlen_attn_by_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), is_causal=False,
+                              scale=None, enable_gqa=False):
+    """``torch.nn.attention.varlen.varlen_attn`` as documented, computed by the naive reference on the CPU
+    (the real op runs on CUDA only): checks how our backend calls it, not the op itself."""
+    assert cu_q.dtype == cu_k.dtype == torch.int32, (cu_q.dtype, cu_k.dtype)
+    assert max_q >= int((cu_q[1:] - cu_q[:-1]).max()) and max_k >= int((cu_k[1:] - cu_k[:-1]).max())
+    assert tuple(window_size) in ((-1, -1), (-1, 0)), window_size
+    assert enable_gqa == (q.shape[1] != k.shape[1])
+    causal = tuple(window_size) == (-1, 0) or is_causal
+    return lowp_reference(q, k, v, causal=causal, scale=scale, cu_q=cu_q, cu_k=cu_k)
+
+
+def _varlen_cases():
+    # (q shape, k shape, cu_seqlens_q lengths, cu_seqlens_k lengths, causal, scale): dense with Sq != Sk,
+    # GQA, packed with an empty sequence and Sq != Sk per sequence, a softmax scale of the caller's.
+    return [((2, 9, 4, 16), (2, 13, 2, 16), None, None, True, None),
+            ((2, 9, 4, 16), (2, 9, 4, 16), None, None, False, 0.3),
+            ((12, 4, 16), (17, 1, 16), [5, 0, 7], [6, 4, 7], True, None),
+            ((12, 2, 24), (12, 2, 24), [5, 7], [5, 7], False, 0.5)]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_torch_varlen_calls_varlen_attn_as_documented(case, monkeypatch):
+    """Our call of varlen_attn (dense batches packed, cu_seqlens, causal window, scale, GQA), against the
+    reference, with the op replaced by its documented semantics."""
+    import torch.nn.attention.varlen as varlen
+
+    from moon_fast.ops.attention import BACKENDS, _import_backends
+
+    _import_backends()
+    monkeypatch.setattr(BACKENDS.backends["torch_varlen"], "unavailable", lambda device: None)
+    monkeypatch.setattr(varlen, "varlen_attn", _varlen_attn_by_reference)
+    shape_q, shape_k, lq, lk, causal, scale = _varlen_cases()[case]
+    q, k, v = make_qkv(shape_q, shape_k, torch.bfloat16, seed=case)
+    cu_q, cu_k = (cu_of(lq), cu_of(lk)) if lq else (None, None)
+    check_against_reference("torch_varlen", q, k, v, causal=causal, cu_q=cu_q, cu_k=cu_k, scale=scale)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_torch_varlen_arguments_pass_the_real_op_on_meta_tensors(case):
+    """The real varlen_attn, forward and backward, on meta tensors: torch accepts our arguments and returns
+    outputs and gradients of the right shapes (no numbers: meta tensors hold none)."""
+    import dataclasses
+
+    from moon_fast.ops.attention import _validate
+    from moon_fast.ops.attention_torch import attention_torch_varlen_backend, torch_varlen_unsupported
+
+    shape_q, shape_k, lq, lk, causal, scale = _varlen_cases()[case]
+    q, k, v = make_qkv(shape_q, shape_k, torch.bfloat16, requires_grad=False)
+    cu_q, cu_k = (cu_of(lq), cu_of(lk)) if lq else (None, None)
+    p = _validate(q, k, v, causal, scale, cu_q, cu_k, None, None)
+    assert torch_varlen_unsupported(p) is None
+    meta = {n: getattr(p, n).to("meta").requires_grad_(True) for n in ("q", "k", "v")}
+    if p.packed:
+        meta.update(cu_seqlens_q=p.cu_seqlens_q.to("meta"), cu_seqlens_k=p.cu_seqlens_k.to("meta"))
+    pm = dataclasses.replace(p, **meta)
+    out = attention_torch_varlen_backend(pm)
+    assert (out.shape, out.dtype, out.device.type) == (q.shape, q.dtype, "meta")
+    grads = torch.autograd.grad(out.sum(), (pm.q, pm.k, pm.v))
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+def test_torch_varlen_refuses_what_its_kernels_do_not_take():
+    from moon_fast.ops.attention import _validate
+    from moon_fast.ops.attention_torch import torch_varlen_unsupported
+
+    def why(dtype, d):
+        q, k, v = make_qkv((1, 5, 2, d), (1, 5, 2, d), dtype, requires_grad=False)
+        return torch_varlen_unsupported(_validate(q, k, v, True, None, None, None, None, None))
+
+    assert "float16/bfloat16" in why(torch.float32, 16)
+    assert "multiples of 8" in why(torch.bfloat16, 20)
+    assert "up to 256" in why(torch.float16, 264)
+    assert why(torch.bfloat16, 80) is None
+    q, k, v = make_qkv((1, 5, 2, 16), (1, 5, 2, 16), torch.bfloat16, requires_grad=False)
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        flash_attention(q, k, v, backend="torch_varlen")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (varlen_attn runs on CUDA only)")
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("case", range(4))
+def test_torch_varlen_matches_reference_on_cuda(case, dtype):
+    shape_q, shape_k, lq, lk, causal, scale = _varlen_cases()[case]
+    q, k, v = (t.detach().cuda() for t in make_qkv(shape_q, shape_k, dtype, seed=case))
+    cu_q, cu_k = (cu_of(lq).cuda(), cu_of(lk).cuda()) if lq else (None, None)
+    check_against_reference("torch_varlen", q, k, v, causal=causal, cu_q=cu_q, cu_k=cu_k, scale=scale)
+
+
 def test_flash_attn_shims_match_and_reject_unsupported():
     q, k, v = make_qkv((2, 17, 4, 32), (2, 17, 2, 32), torch.float32, requires_grad=False)
     assert_close(flash_attn_func(q, k, v, causal=True), flash_attention(q, k, v, causal=True),

@@ -5,9 +5,10 @@
   causal at head dim 128 (16384 tokens x 2048 wide on a GPU; 8192 x 1024 on a CPU; ``quick``: 4096 x
   1024 at 512 and 1024 only), and (not ``quick``) one causal grouped-query case at head dim 128, S=2048,
   4 query heads per K/V head (a decoder's layout). Backends ``reference`` (materialised fp32 softmax), ``sdpa``, ``torch``,
-  ``triton`` (not timed on the CPU: interpreter), ``flash_attn`` (peer, when installed).
+  ``triton`` (not timed on the CPU: interpreter), ``torch_varlen`` (PyTorch's varlen FlashAttention op, CUDA
+  only) and ``flash_attn`` (peer, when installed).
 * varlen: a packed batch of sequences of random lengths 1..max_len (the vision encoder's images, packed
-  text samples), GQA 4:1. Ours (``torch``, ``triton``, ``flash_attn``) take cu_seqlens; peers
+  text samples), GQA 4:1. Ours (``torch``, ``triton``, ``torch_varlen``, ``flash_attn``) take cu_seqlens; peers
   ``sdpa`` (one packed sequence with a block-diagonal mask: total x total) and ``sdpa_padded``
   (pad to the longest + key-padding mask: what a padded batch costs). Its point is memory: O(total)
   for ours, O(total^2) or padded for the peers.
@@ -24,8 +25,8 @@ from moon_fast.bench import flops
 from moon_fast.bench.harness import Case, Workload
 
 OP = "attention"
-BACKENDS = ("reference", "sdpa", "torch", "triton", "flash_attn")
-VARLEN_BACKENDS = ("reference", "sdpa", "sdpa_padded", "torch", "triton", "flash_attn")
+BACKENDS = ("reference", "sdpa", "torch", "triton", "torch_varlen", "flash_attn")
+VARLEN_BACKENDS = ("reference", "sdpa", "sdpa_padded", "torch", "triton", "torch_varlen", "flash_attn")
 
 
 def _grad_like(t: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,9 @@ kernels' time on an H100; ``MOON_FAST_FLASH_ATTENTION_BACKEND`` overrides ``auto
   (non-tensor-core) products and is a correctness path on GPUs: compiled for sm_80/sm_90 its kernels spill
   kilobytes of registers per thread (``python tests/aot_triton.py --arch 80 --full``), so ``auto`` does not
   pick it.
+* ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA, fp16/bf16): the
+  FlashAttention 2 kernels of SDPA's flash path, over a packed batch in one call. Not yet run on a GPU (its
+  argument plumbing is checked on meta tensors), so ``auto`` does not take it yet.
 * ``flash_attn``: the FlashAttention 2 package, when installed (CUDA, fp16/bf16).
 
 Drop-in shims ``flash_attn_func`` / ``flash_attn_varlen_func`` take FlashAttention's signatures.
@@ -191,7 +194,13 @@ def _flash_attn_supports(p: AttnProblem, auto: bool = False) -> str | None:
     return None
 
 
-_SUPPORTS = {"triton": _triton_supports, "flash_attn": _flash_attn_supports}
+def _torch_varlen_supports(p: AttnProblem, auto: bool = False) -> str | None:
+    from moon_fast.ops.attention_torch import torch_varlen_unsupported
+
+    return torch_varlen_unsupported(p)
+
+
+_SUPPORTS = {"triton": _triton_supports, "flash_attn": _flash_attn_supports, "torch_varlen": _torch_varlen_supports}
 
 
 def _import_backends() -> None:
@@ -213,6 +222,11 @@ def _import_backends() -> None:
         return fa_kernels.flash_attention_triton(p)
 
     BACKENDS.register("triton", unavailable=triton_unavailable, description="FA2 Triton kernels")(_triton)
+
+    BACKENDS.register("torch_varlen", unavailable=package_unavailable("torch.nn.attention.varlen", "needs torch >= 2.10",
+                                                                      needs_cuda=True),
+                      description="torch.nn.attention.varlen.varlen_attn: FlashAttention 2 in PyTorch (CUDA)")(
+        attention_torch.attention_torch_varlen_backend)
 
     def _flash_attn(p: AttnProblem):
         from moon_fast.ops import attention_torch
@@ -259,7 +273,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q=N
         cu_seqlens_q, cu_seqlens_k: (n + 1,) int32/int64 cumulative lengths (``cu_seqlens_k`` defaults
             to ``cu_seqlens_q``). Empty sequences are allowed.
         max_seqlen_q, max_seqlen_k: optional; checked to be at least the longest sequence.
-        backend: "auto", "reference", "sdpa", "torch", "triton" or "flash_attn".
+        backend: "auto", "reference", "sdpa", "torch", "torch_varlen", "triton" or "flash_attn".
 
     Returns:
         Tensor shaped like q (same dtype), differentiable w.r.t. q, k, v.

@@ -1,4 +1,5 @@
-"""PyTorch backends of flash_attention: ``reference``, ``sdpa``, ``torch`` and the ``flash_attn`` peer.
+"""PyTorch backends of flash_attention: ``reference``, ``sdpa``, ``torch``, ``torch_varlen`` (PyTorch's own
+varlen FlashAttention op) and the ``flash_attn`` peer.
 
 Every function takes a validated :class:`moon_fast.ops.attention.AttnProblem` (dense q (B, Sq, Hq, D)
 or packed q (total_q, Hq, D) with host ``seqlens_q/k``) and returns the output shaped like q.
@@ -6,6 +7,8 @@ Autograd differentiates through all of them (no custom backward here).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -209,3 +212,58 @@ def attention_flash_attn_backend(p) -> torch.Tensor:
     return flash_attn.flash_attn_varlen_func(
         p.q, p.k, p.v, p.cu_seqlens_q.to(torch.int32), p.cu_seqlens_k.to(torch.int32), max(p.max_seqlen_q, 1),
         max(p.max_seqlen_k, 1), softmax_scale=p.scale, causal=p.causal)
+
+
+# ----------------------------------------------------------------------------- PyTorch's varlen FlashAttention
+
+def _varlen_attn_parameters() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def torch_varlen_unsupported(p) -> str | None:
+    """Why ``torch.nn.attention.varlen.varlen_attn`` cannot take problem ``p``, or None."""
+    if p.q.dtype not in (torch.float16, torch.bfloat16):
+        return f"torch_varlen (FlashAttention 2 kernels) takes float16/bfloat16 only, got {p.q.dtype}"
+    d = p.q.shape[-1]
+    if d > 256 or d % 8:
+        return f"torch_varlen takes head dims that are multiples of 8 up to 256, got {d}"
+    params = _varlen_attn_parameters()
+    if p.causal and not params & {"window_size", "is_causal"}:
+        return "this torch's varlen_attn has no causal option"
+    if "scale" not in params and abs(p.scale - d ** -0.5) > 1e-12 * d ** -0.5:
+        return f"this torch's varlen_attn takes no softmax scale (needs 1/sqrt({d}), got {p.scale})"
+    if p.groups > 1 and "enable_gqa" not in params:
+        return "this torch's varlen_attn has no grouped-query attention (enable_gqa)"
+    return None
+
+
+def attention_torch_varlen_backend(p) -> torch.Tensor:
+    """``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA): the FlashAttention 2 kernels that SDPA's
+    flash path runs, over a packed batch in one call. A dense (B, S, H, D) batch is passed packed
+    ((B * S, H, D) and cu_seqlens = S * arange(B + 1)). Causal is bottom-right aligned, as in FlashAttention:
+    ``window_size=(-1, 0)``, or ``is_causal=True`` on torch 2.10, whose varlen_attn has no window."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v = p.q, p.k, p.v
+    if p.packed:
+        cu_q, cu_k = p.cu_seqlens_q.to(torch.int32), p.cu_seqlens_k.to(torch.int32)
+    else:
+        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+        steps = torch.arange(b + 1, device=q.device, dtype=torch.int32)
+        cu_q, cu_k = steps * sq, steps * sk
+        q, k, v = q.reshape(b * sq, *q.shape[2:]), k.reshape(b * sk, *k.shape[2:]), v.reshape(b * sk, *v.shape[2:])
+    params = _varlen_attn_parameters()
+    kw = {}
+    if p.causal:  # bottom-right: a query row i of a sequence sees keys j <= i + len_k - len_q
+        if "window_size" in params:
+            kw["window_size"] = (-1, 0)
+        else:
+            kw["is_causal"] = True
+    if "scale" in params:
+        kw["scale"] = p.scale
+    if p.groups > 1:
+        kw["enable_gqa"] = True
+    out = varlen_attn(q, k, v, cu_q, cu_k, max(p.max_seqlen_q, 1), max(p.max_seqlen_k, 1), **kw)
+    return out if p.packed else out.view(p.q.shape)
