@@ -30,7 +30,9 @@ with explicit masks, and the tests cover non-causal, bf16, GQA, odd head dims an
 Precision: on a GPU, tl.dot takes fp16/bf16 operands and accumulates in fp32; fp32 inputs use
 ``input_precision="ieee"`` (no TF32) so fp32 is a reference-grade path for tests. Under the CPU
 interpreter bf16 arithmetic is wrong, so tiles are upcast to fp32 after loading (``UPCAST``).
-Head dims are padded to a power of two (``BLOCK_D``, at least 16) with masked loads: 80 and 96 work.
+Head dims: Triton's blocks are powers of two, so a head dim is covered by one chunk of the next power of two
+(at least 16) or, where less padding results, by two chunks D1 + D2 (80 = 64 + 16, 96 = 64 + 32; see
+``head_dim_chunks``), every product over it then made in two parts; loads past the head dim are masked.
 
 Status: correct under the interpreter against the fp32 reference (tests/test_attention_triton.py); every
 kernel compiles ahead of time for sm_80 and sm_90 (bf16/fp16/fp32, head dims 64-256). Not yet run or
@@ -62,22 +64,42 @@ def _sequence(CU_Q, CU_K, b):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_n, offs_d, d_ok, len_k,
+def _load_cols(base, rows, row_ok, stride, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """(rows, WIDTH) tile of head-dim columns [COL0, COL0 + WIDTH): zero past HEAD_DIM and in bad rows."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    t = tl.load(base + rows[:, None] * stride + cols[None, :], mask=row_ok[:, None] & (cols < HEAD_DIM)[None, :],
+                other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _store_cols(base, rows, row_ok, stride, val, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    cols = COL0 + tl.arange(0, WIDTH)
+    tl.store(base + rows[:, None] * stride + cols[None, :], val.to(base.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _fwd_inner(acc, acc2, l_i, m_i, q, q2, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_n, len_k,
                diag, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D1: tl.constexpr,
+               D2: tl.constexpr, SPLIT: tl.constexpr):
     """Key blocks [lo, hi) of one query block. MASKED=False: blocks every row sees completely (no
-    bounds or causal mask on the scores); MASKED=True: the diagonal / ragged-end blocks."""
+    bounds or causal mask on the scores); MASKED=True: the diagonal / ragged-end blocks. SPLIT: the head
+    dim is two column chunks, D1 and D2 wide (acc2, q2: the second); otherwise acc2 and q2 are unused."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_ok = cols < len_k
-        kt = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                     other=0.0)  # (BLOCK_D, BLOCK_N)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        k = _load_cols(k_base, cols, n_ok, stride_kt, 0, D1, HEAD_DIM, UPCAST)  # (BLOCK_N, D1)
+        v = _load_cols(v_base, cols, n_ok, stride_vt, 0, D1, HEAD_DIM, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if SPLIT:
+            k2 = _load_cols(k_base, cols, n_ok, stride_kt, D1, D2, HEAD_DIM, UPCAST)  # (BLOCK_N, D2)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
+        s = s * qk_scale
         if MASKED:
             keep = n_ok[None, :]
             if CAUSAL:
@@ -93,8 +115,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, o
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if SPLIT:
+            v2 = _load_cols(v_base, cols, n_ok, stride_vt, D1, D2, HEAD_DIM, UPCAST)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision=PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
@@ -104,7 +129,7 @@ def _fwd_kernel(
     qk_scale,  # softmax scale * log2(e)
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -117,13 +142,12 @@ def _fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < len_q
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q_base = Q + q_start * stride_qt + h * stride_qh
+    q = _load_cols(q_base, offs_m, m_ok, stride_qt, 0, D1, HEAD_DIM, UPCAST)  # (BLOCK_M, D1)
+    q2 = tl.zeros([BLOCK_M, D2], dtype=q.dtype)
+    if SPLIT:
+        q2 = _load_cols(q_base, offs_m, m_ok, stride_qt, D1, D2, HEAD_DIM, UPCAST)  # (BLOCK_M, D2)
 
     # Bottom-right causal: row i sees keys j <= i + (len_k - len_q). Keys [0, full) are seen completely
     # by every row of the block; [full, hi) need the mask.
@@ -136,19 +160,24 @@ def _fwd_kernel(
     full = (tl.maximum(full, 0) // BLOCK_N) * BLOCK_N
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
     k_base = K + k_start * stride_kt + hk * stride_kh
     v_base = V + k_start * stride_vt + hk * stride_vh
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m, offs_n,
-                               offs_d, d_ok, len_k, diag, qk_scale, False, CAUSAL, UPCAST, PRECISION, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full, hi, offs_m, offs_n,
-                               offs_d, d_ok, len_k, diag, qk_scale, True, CAUSAL, UPCAST, PRECISION, BLOCK_N)
+    acc, acc2, l_i, m_i = _fwd_inner(acc, acc2, l_i, m_i, q, q2, k_base, v_base, stride_kt, stride_vt, 0, full,
+                                     offs_m, offs_n, len_k, diag, qk_scale, False, CAUSAL, UPCAST, PRECISION,
+                                     BLOCK_N, HEAD_DIM, D1, D2, SPLIT)
+    acc, acc2, l_i, m_i = _fwd_inner(acc, acc2, l_i, m_i, q, q2, k_base, v_base, stride_kt, stride_vt, full, hi,
+                                     offs_m, offs_n, len_k, diag, qk_scale, True, CAUSAL, UPCAST, PRECISION,
+                                     BLOCK_N, HEAD_DIM, D1, D2, SPLIT)
 
     dead = l_i == 0.0
-    out = acc / tl.where(dead, 1.0, l_i)[:, None]
+    inv_l = 1.0 / tl.where(dead, 1.0, l_i)
     lse = tl.where(dead, float("inf"), m_i + tl.math.log2(tl.where(dead, 1.0, l_i)))
-    tl.store(OUT + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    out_base = OUT + q_start * stride_ot + h * stride_oh
+    _store_cols(out_base, offs_m, m_ok, stride_ot, acc * inv_l[:, None], 0, D1, HEAD_DIM)
+    if SPLIT:
+        _store_cols(out_base, offs_m, m_ok, stride_ot, acc2 * inv_l[:, None], D1, D2, HEAD_DIM)
     tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_ok)
 
 
@@ -175,22 +204,25 @@ def _bwd_preprocess(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, lo, hi, offs_n, offs_m,
-                offs_d, d_ok, n_ok, len_q, diag, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Query blocks [lo, hi) against one key block, in the transposed form (keys x queries)."""
+def _dkdv_inner(dk, dv, dk2, dv2, k, v, k2, v2, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, lo, hi,
+                offs_n, offs_m, n_ok, len_q, diag, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                D1: tl.constexpr, D2: tl.constexpr, SPLIT: tl.constexpr):
+    """Query blocks [lo, hi) against one key block, in the transposed form (keys x queries). SPLIT: the
+    second head-dim chunk's k2, v2 (held) and dk2, dv2 (accumulated); otherwise unused."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         m_ok = rows < len_q
-        qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _load_cols(q_base, rows, m_ok, stride_qt, 0, D1, HEAD_DIM, UPCAST)  # (BLOCK_M, D1)
+        do = _load_cols(do_base, rows, m_ok, stride_dot, 0, D1, HEAD_DIM, UPCAST)
         lse = tl.load(lse_base + rows, mask=m_ok, other=float("inf"))
         delta = tl.load(delta_base + rows, mask=m_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        if SPLIT:
+            q2 = _load_cols(q_base, rows, m_ok, stride_qt, D1, D2, HEAD_DIM, UPCAST)  # (BLOCK_M, D2)
+            do2 = _load_cols(do_base, rows, m_ok, stride_dot, D1, D2, HEAD_DIM, UPCAST)
+            st = tl.dot(k2, tl.trans(q2), st, input_precision=PRECISION)
+        st = st * qk_scale
         if MASKED:
             keep = n_ok[:, None] & m_ok[None, :]
             if CAUSAL:
@@ -200,9 +232,14 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
             pt = tl.math.exp2(st - lse[None, :])
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if SPLIT:
+            dv2 += tl.dot(pt.to(do2.dtype), do2, input_precision=PRECISION)
+            dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-    return dk, dv
+        if SPLIT:
+            dk2 += tl.dot(dst.to(q2.dtype), q2, input_precision=PRECISION)
+    return dk, dv, dk2, dv2
 
 
 @triton.jit
@@ -213,7 +250,7 @@ def _bwd_dkdv_kernel(
     qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -227,19 +264,20 @@ def _bwd_dkdv_kernel(
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < len_k
-    d_ok = offs_d < HEAD_DIM
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + (k_start + offs_n)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + (k_start + offs_n)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=kv_mask,
-                other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    k_base = K + k_start * stride_kt + hk * stride_kh
+    v_base = V + k_start * stride_vt + hk * stride_vh
+    k = _load_cols(k_base, offs_n, n_ok, stride_kt, 0, D1, HEAD_DIM, UPCAST)  # (BLOCK_N, D1)
+    v = _load_cols(v_base, offs_n, n_ok, stride_vt, 0, D1, HEAD_DIM, UPCAST)
+    k2 = tl.zeros([BLOCK_N, D2], dtype=k.dtype)
+    v2 = tl.zeros([BLOCK_N, D2], dtype=v.dtype)
+    if SPLIT:
+        k2 = _load_cols(k_base, offs_n, n_ok, stride_kt, D1, D2, HEAD_DIM, UPCAST)  # (BLOCK_N, D2)
+        v2 = _load_cols(v_base, offs_n, n_ok, stride_vt, D1, D2, HEAD_DIM, UPCAST)
+    dk = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
+    dv2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
 
     # Query rows in [lo, mid) and [full_end, len_q) need the mask; [mid, full_end) see the whole key block.
     diag = len_k - len_q
@@ -258,37 +296,43 @@ def _bwd_dkdv_kernel(
         do_base = DO + q_start * stride_dot + h * stride_doh
         lse_base = LSE + h * stride_lh + q_start
         delta_base = DELTA + h * stride_lh + q_start
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, lo, mid,
-                             offs_n, offs_m, offs_d, d_ok, n_ok, len_q, diag, qk_scale, True, CAUSAL, UPCAST,
-                             PRECISION, BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, mid,
-                             full_end, offs_n, offs_m, offs_d, d_ok, n_ok, len_q, diag, qk_scale, False, CAUSAL,
-                             UPCAST, PRECISION, BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, full_end,
-                             len_q, offs_n, offs_m, offs_d, d_ok, n_ok, len_q, diag, qk_scale, True, CAUSAL, UPCAST,
-                             PRECISION, BLOCK_M)
-    dk = dk * sm_scale
-    tl.store(DK + (k_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + (k_start + offs_n)[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+        dk, dv, dk2, dv2 = _dkdv_inner(dk, dv, dk2, dv2, k, v, k2, v2, q_base, do_base, lse_base, delta_base,
+                                       stride_qt, stride_dot, lo, mid, offs_n, offs_m, n_ok, len_q, diag, qk_scale,
+                                       True, CAUSAL, UPCAST, PRECISION, BLOCK_M, HEAD_DIM, D1, D2, SPLIT)
+        dk, dv, dk2, dv2 = _dkdv_inner(dk, dv, dk2, dv2, k, v, k2, v2, q_base, do_base, lse_base, delta_base,
+                                       stride_qt, stride_dot, mid, full_end, offs_n, offs_m, n_ok, len_q, diag,
+                                       qk_scale, False, CAUSAL, UPCAST, PRECISION, BLOCK_M, HEAD_DIM, D1, D2, SPLIT)
+        dk, dv, dk2, dv2 = _dkdv_inner(dk, dv, dk2, dv2, k, v, k2, v2, q_base, do_base, lse_base, delta_base,
+                                       stride_qt, stride_dot, full_end, len_q, offs_n, offs_m, n_ok, len_q, diag,
+                                       qk_scale, True, CAUSAL, UPCAST, PRECISION, BLOCK_M, HEAD_DIM, D1, D2, SPLIT)
+    dk_base = DK + k_start * stride_dkt + hk * stride_dkh
+    dv_base = DV + k_start * stride_dvt + hk * stride_dvh
+    _store_cols(dk_base, offs_n, n_ok, stride_dkt, dk * sm_scale, 0, D1, HEAD_DIM)
+    _store_cols(dv_base, offs_n, n_ok, stride_dvt, dv, 0, D1, HEAD_DIM)
+    if SPLIT:
+        _store_cols(dk_base, offs_n, n_ok, stride_dkt, dk2 * sm_scale, D1, D2, HEAD_DIM)
+        _store_cols(dv_base, offs_n, n_ok, stride_dvt, dv2, D1, D2, HEAD_DIM)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_n, offs_d, d_ok, m_ok,
+def _dq_inner(dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_n, m_ok,
               len_k, diag, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key blocks [lo, hi) of one query block's dq."""
+              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D1: tl.constexpr,
+              D2: tl.constexpr, SPLIT: tl.constexpr):
+    """Key blocks [lo, hi) of one query block's dq (SPLIT: dq2, q2, do2 are the second head-dim chunk's)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_ok = cols < len_k
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        k = _load_cols(k_base, cols, n_ok, stride_kt, 0, D1, HEAD_DIM, UPCAST)  # (BLOCK_N, D1)
+        v = _load_cols(v_base, cols, n_ok, stride_vt, 0, D1, HEAD_DIM, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if SPLIT:
+            k2 = _load_cols(k_base, cols, n_ok, stride_kt, D1, D2, HEAD_DIM, UPCAST)  # (BLOCK_N, D2)
+            v2 = _load_cols(v_base, cols, n_ok, stride_vt, D1, D2, HEAD_DIM, UPCAST)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
+            dp = tl.dot(do2, tl.trans(v2), dp, input_precision=PRECISION)
+        s = s * qk_scale
         if MASKED:
             keep = m_ok[:, None] & n_ok[None, :]
             if CAUSAL:
@@ -296,10 +340,11 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, h
             p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
         else:
             p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    return dq
+        if SPLIT:
+            dq2 += tl.dot(ds.to(k2.dtype), k2, input_precision=PRECISION)
+    return dq, dq2
 
 
 @triton.jit
@@ -310,7 +355,7 @@ def _bwd_dq_kernel(
     qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -324,19 +369,21 @@ def _bwd_dq_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < len_q
-    d_ok = offs_d < HEAD_DIM
-    qd_mask = m_ok[:, None] & d_ok[None, :]
+    q_base = Q + q_start * stride_qt + h * stride_qh
+    do_base = DO + q_start * stride_dot + h * stride_doh
+    q = _load_cols(q_base, offs_m, m_ok, stride_qt, 0, D1, HEAD_DIM, UPCAST)  # (BLOCK_M, D1)
+    do = _load_cols(do_base, offs_m, m_ok, stride_dot, 0, D1, HEAD_DIM, UPCAST)
+    q2 = tl.zeros([BLOCK_M, D2], dtype=q.dtype)
+    do2 = tl.zeros([BLOCK_M, D2], dtype=do.dtype)
+    if SPLIT:
+        q2 = _load_cols(q_base, offs_m, m_ok, stride_qt, D1, D2, HEAD_DIM, UPCAST)  # (BLOCK_M, D2)
+        do2 = _load_cols(do_base, offs_m, m_ok, stride_dot, D1, D2, HEAD_DIM, UPCAST)
     rows = q_start + offs_m
-    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=qd_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
     lse = tl.load(LSE + h * stride_lh + rows, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + h * stride_lh + rows, mask=m_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
 
     diag = len_k - len_q
     hi = len_k
@@ -347,16 +394,45 @@ def _bwd_dq_kernel(
     full = (tl.maximum(full, 0) // BLOCK_N) * BLOCK_N
     k_base = K + k_start * stride_kt + hk * stride_kh
     v_base = V + k_start * stride_vt + hk * stride_vh
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m, offs_n, offs_d,
-                   d_ok, m_ok, len_k, diag, qk_scale, False, CAUSAL, UPCAST, PRECISION, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi, offs_m, offs_n, offs_d,
-                   d_ok, m_ok, len_k, diag, qk_scale, True, CAUSAL, UPCAST, PRECISION, BLOCK_N)
-    dq = dq * sm_scale
-    tl.store(DQ + rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=qd_mask)
+    dq, dq2 = _dq_inner(dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m,
+                        offs_n, m_ok, len_k, diag, qk_scale, False, CAUSAL, UPCAST, PRECISION, BLOCK_N, HEAD_DIM, D1,
+                        D2, SPLIT)
+    dq, dq2 = _dq_inner(dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi, offs_m,
+                        offs_n, m_ok, len_k, diag, qk_scale, True, CAUSAL, UPCAST, PRECISION, BLOCK_N, HEAD_DIM, D1,
+                        D2, SPLIT)
+    dq_base = DQ + q_start * stride_dqt + h * stride_dqh
+    _store_cols(dq_base, offs_m, m_ok, stride_dqt, dq * sm_scale, 0, D1, HEAD_DIM)
+    if SPLIT:
+        _store_cols(dq_base, offs_m, m_ok, stride_dqt, dq2 * sm_scale, D1, D2, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------- launch configuration
+
+def head_dim_chunks(head_dim: int) -> tuple[int, int, bool]:
+    """(D1, D2, SPLIT): how the kernels cover the head dim with power-of-two column tiles (Triton's blocks).
+
+    Where two chunks cover it with less padding than one (D1 = the largest power of two <= head_dim, D2 =
+    the rest rounded up to a power of two >= 16), every product over the head dim is made in two parts:
+    80 = 64 + 16 (the Qwen2-VL vision encoder's), 96 = 64 + 32, 40 = 32 + 16, 160 = 128 + 32. Padded to 128
+    instead, 80 made every product 1.6x wider than needed and doubled the forward's shared memory; on the
+    H100 the d=80 forward ran at 93 TFLOP/s against d=64's 159 (README, "Other ops"). Otherwise one chunk
+    of the next power of two (D2 is then a placeholder: SPLIT False)."""
+    padded = max(16, next_power_of_2(head_dim))
+    d1 = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - d1
+    if rest <= 0:
+        return padded, 16, False
+    d2 = max(16, next_power_of_2(rest))
+    if d1 + d2 >= padded:
+        return padded, 16, False
+    return d1, d2, True
+
+
+def _width(head_dim: int) -> int:
+    """The columns the kernels' tiles cover: D1 (+ D2 when split)."""
+    d1, d2, split = head_dim_chunks(head_dim)
+    return d1 + d2 if split else d1
+
 
 def _tiles(kind: str, head_dim_block: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kind`` in fwd / dkdv / dq.
@@ -371,7 +447,10 @@ def _tiles(kind: str, head_dim_block: int, dtype: torch.dtype) -> tuple[int, int
     636-640 with Triton 3.6, the GPU image's (72-80 on sm_80). Ten other dk/dv tiles compiled for sm_90 with
     Triton 3.6 all spilled too (the least: (16, 128), 8 warps, 24-28 bytes), and none was timed, so these
     stay until a GPU can time them. fp32 kernels spill kilobytes, which is why ``auto`` does not pick this
-    backend for fp32. tests/test_attention_triton.py holds the 16-bit spills (none; dk/dv at most 640)."""
+    backend for fp32. tests/test_attention_triton.py holds the 16-bit spills (none; dk/dv at most 640).
+    ``head_dim_block`` is the width the tiles cover (``_width``): 80 for d=80 since the split head dim, which
+    on sm_90 cut the d=80 kernels' shared memory from 96-97 KB to 60-61 KB and let two dq programs share an
+    SM (benchmarks/results/2026-11-23-aot/triton_aot_sm90_attention_full_triton3{6,8}_{664ef9f,split}.txt)."""
     if interpreting():
         return INTERPRETER_TILES[0], INTERPRETER_TILES[1], 4, 1
     if dtype == torch.float32 or head_dim_block > 128:
@@ -408,14 +487,15 @@ def _fwd(q, k, v, cu_q, cu_k, max_q, n_seq, causal, scale):
     hkv = k.shape[1]
     out = _alloc_like(q)
     lse = _alloc((hq, total_q), q.device)
-    block_d = max(16, next_power_of_2(d))
-    bm, bn, warps, stages = _tiles("fwd", block_d, q.dtype)
+    d1, d2, split = head_dim_chunks(d)
+    bm, bn, warps, stages = _tiles("fwd", _width(d), q.dtype)
     grid = (triton.cdiv(max(max_q, 1), bm), hq, n_seq)
     _fwd_kernel[grid](
         q, k, v, out, lse, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), scale * LOG2E, GROUP=hq // hkv, HEAD_DIM=d, CAUSAL=causal, UPCAST=_upcast(q.dtype),
-        PRECISION=_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+        PRECISION=_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, D1=d1, D2=d2, SPLIT=split, num_warps=warps,
+        num_stages=stages,
     )
     return out, lse
 
@@ -432,20 +512,22 @@ def _bwd(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, n_seq, causal, scale):
         HEAD_DIM=d, BLOCK_M=bm_pre, BLOCK_D=block_d,
     )
     dq, dk, dv = _alloc_like(q), _alloc_like(k), _alloc_like(v)
-    common = dict(HEAD_DIM=d, CAUSAL=causal, UPCAST=_upcast(q.dtype), PRECISION=_precision(q.dtype))
-    bm, bn, warps, stages = _tiles("dkdv", block_d, q.dtype)
+    d1, d2, split = head_dim_chunks(d)
+    common = dict(HEAD_DIM=d, CAUSAL=causal, UPCAST=_upcast(q.dtype), PRECISION=_precision(q.dtype), D1=d1, D2=d2,
+                  SPLIT=split)
+    bm, bn, warps, stages = _tiles("dkdv", _width(d), q.dtype)
     _bwd_dkdv_kernel[(triton.cdiv(max(max_k, 1), bn), hkv, n_seq)](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), scale * LOG2E, scale,
-        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages, **common,
+        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
     )
-    bm, bn, warps, stages = _tiles("dq", block_d, q.dtype)
+    bm, bn, warps, stages = _tiles("dq", _width(d), q.dtype)
     _bwd_dq_kernel[(triton.cdiv(max(max_q, 1), bm), hq, n_seq)](
         q, k, v, do, lse, delta, dq, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), lse.stride(0), scale * LOG2E, scale, GROUP=group, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_D=block_d, num_warps=warps, num_stages=stages, **common,
+        num_warps=warps, num_stages=stages, **common,
     )
     return dq, dk, dv
 

@@ -63,10 +63,35 @@ def test_low_precision_criterion(dtype, causal):
     check(q, k, v, causal=causal)
 
 
-@pytest.mark.parametrize("head_dim,dtype", [(80, torch.float32), (96, torch.bfloat16), (40, torch.float16)])
-def test_head_dims_padded_to_power_of_two(head_dim, dtype):
+def test_head_dim_chunks():
+    from moon_fast.kernels.flash_attention import head_dim_chunks
+
+    assert head_dim_chunks(80) == (64, 16, True)
+    assert head_dim_chunks(96) == (64, 32, True)
+    assert head_dim_chunks(72) == (64, 16, True)  # the second chunk is 8 columns, padded to 16
+    assert head_dim_chunks(160) == (128, 32, True)
+    assert [head_dim_chunks(d) for d in (8, 24, 64, 100, 128)] == [(16, 16, False), (32, 16, False), (64, 16, False),
+                                                                 (128, 16, False), (128, 16, False)]
+
+
+# Split head dims (two column chunks: 80, 96, 40, 72, 160) and padded ones (24, 100).
+@pytest.mark.parametrize("head_dim,dtype", [(80, torch.float32), (96, torch.bfloat16), (40, torch.float16),
+                                            (72, torch.bfloat16), (160, torch.float32), (24, torch.float16),
+                                            (100, torch.float32)])
+def test_head_dims_split_or_padded(head_dim, dtype):
     q, k, v = make_qkv((1, 33, 2, head_dim), (1, 33, 2, head_dim), dtype, seed=head_dim)
     check(q, k, v, causal=True, scale=0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_head_dim_varlen_gqa_several_blocks(dtype, _poison, monkeypatch):
+    """d=80 (64 + 16), as in the Qwen2-VL vision encoder, packed, GQA, with 16/32-row tiles: several blocks
+    per sequence, so every kernel's loop carries the second chunk's accumulators across steps."""
+    monkeypatch.setattr(_poison, "INTERPRETER_TILES", (16, 32))
+    lq, lk = [37, 1, 50], [45, 9, 50]
+    q, k, v = make_qkv((sum(lq), 4, 80), (sum(lk), 2, 80), dtype, seed=80)
+    for causal in (False, True):
+        check(q, k, v, causal=causal, cu_q=cu_of(lq), cu_k=cu_of(lk))
 
 
 @pytest.mark.parametrize("sq,sk", [(20, 100), (100, 20)])
