@@ -76,6 +76,18 @@ def _load_cols(base, rows, row_ok, stride, COL0: tl.constexpr, WIDTH: tl.constex
 
 
 @triton.jit
+def _load_chunks(base, rows, row_ok, stride, HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                 SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """A tile a program holds for its whole loop, as its two head-dim chunks: (rows, D1) and (rows, D2);
+    the second is zeros, unused, unless SPLIT."""
+    t = _load_cols(base, rows, row_ok, stride, 0, D1, HEAD_DIM, UPCAST)
+    t2 = tl.zeros([t.shape[0], D2], dtype=t.dtype)
+    if SPLIT:
+        t2 = _load_cols(base, rows, row_ok, stride, D1, D2, HEAD_DIM, UPCAST)
+    return t, t2
+
+
+@triton.jit
 def _store_cols(base, rows, row_ok, stride, val, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
     cols = COL0 + tl.arange(0, WIDTH)
     tl.store(base + rows[:, None] * stride + cols[None, :], val.to(base.dtype.element_ty),
@@ -144,10 +156,7 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     m_ok = offs_m < len_q
     q_base = Q + q_start * stride_qt + h * stride_qh
-    q = _load_cols(q_base, offs_m, m_ok, stride_qt, 0, D1, HEAD_DIM, UPCAST)  # (BLOCK_M, D1)
-    q2 = tl.zeros([BLOCK_M, D2], dtype=q.dtype)
-    if SPLIT:
-        q2 = _load_cols(q_base, offs_m, m_ok, stride_qt, D1, D2, HEAD_DIM, UPCAST)  # (BLOCK_M, D2)
+    q, q2 = _load_chunks(q_base, offs_m, m_ok, stride_qt, HEAD_DIM, D1, D2, SPLIT, UPCAST)  # (BLOCK_M, D1 / D2)
 
     # Bottom-right causal: row i sees keys j <= i + (len_k - len_q). Keys [0, full) are seen completely
     # by every row of the block; [full, hi) need the mask.
@@ -267,13 +276,8 @@ def _bwd_dkdv_kernel(
     n_ok = offs_n < len_k
     k_base = K + k_start * stride_kt + hk * stride_kh
     v_base = V + k_start * stride_vt + hk * stride_vh
-    k = _load_cols(k_base, offs_n, n_ok, stride_kt, 0, D1, HEAD_DIM, UPCAST)  # (BLOCK_N, D1)
-    v = _load_cols(v_base, offs_n, n_ok, stride_vt, 0, D1, HEAD_DIM, UPCAST)
-    k2 = tl.zeros([BLOCK_N, D2], dtype=k.dtype)
-    v2 = tl.zeros([BLOCK_N, D2], dtype=v.dtype)
-    if SPLIT:
-        k2 = _load_cols(k_base, offs_n, n_ok, stride_kt, D1, D2, HEAD_DIM, UPCAST)  # (BLOCK_N, D2)
-        v2 = _load_cols(v_base, offs_n, n_ok, stride_vt, D1, D2, HEAD_DIM, UPCAST)
+    k, k2 = _load_chunks(k_base, offs_n, n_ok, stride_kt, HEAD_DIM, D1, D2, SPLIT, UPCAST)  # (BLOCK_N, D1 / D2)
+    v, v2 = _load_chunks(v_base, offs_n, n_ok, stride_vt, HEAD_DIM, D1, D2, SPLIT, UPCAST)
     dk = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
@@ -372,13 +376,8 @@ def _bwd_dq_kernel(
     m_ok = offs_m < len_q
     q_base = Q + q_start * stride_qt + h * stride_qh
     do_base = DO + q_start * stride_dot + h * stride_doh
-    q = _load_cols(q_base, offs_m, m_ok, stride_qt, 0, D1, HEAD_DIM, UPCAST)  # (BLOCK_M, D1)
-    do = _load_cols(do_base, offs_m, m_ok, stride_dot, 0, D1, HEAD_DIM, UPCAST)
-    q2 = tl.zeros([BLOCK_M, D2], dtype=q.dtype)
-    do2 = tl.zeros([BLOCK_M, D2], dtype=do.dtype)
-    if SPLIT:
-        q2 = _load_cols(q_base, offs_m, m_ok, stride_qt, D1, D2, HEAD_DIM, UPCAST)  # (BLOCK_M, D2)
-        do2 = _load_cols(do_base, offs_m, m_ok, stride_dot, D1, D2, HEAD_DIM, UPCAST)
+    q, q2 = _load_chunks(q_base, offs_m, m_ok, stride_qt, HEAD_DIM, D1, D2, SPLIT, UPCAST)  # (BLOCK_M, D1 / D2)
+    do, do2 = _load_chunks(do_base, offs_m, m_ok, stride_dot, HEAD_DIM, D1, D2, SPLIT, UPCAST)
     rows = q_start + offs_m
     lse = tl.load(LSE + h * stride_lh + rows, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + h * stride_lh + rows, mask=m_ok, other=0.0)

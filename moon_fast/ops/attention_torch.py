@@ -8,6 +8,7 @@ Autograd differentiates through all of them (no custom backward here).
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -216,6 +217,7 @@ def attention_flash_attn_backend(p) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- PyTorch's varlen FlashAttention
 
+@functools.cache
 def _varlen_attn_parameters() -> frozenset[str]:
     from torch.nn.attention.varlen import varlen_attn
 
