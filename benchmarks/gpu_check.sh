@@ -9,7 +9,7 @@
 #          the contrastive tests on the device fixture; then benchmarks/moe_precision.py (16-bit rounding);
 #   moe    counts the MoE op's launches per call (benchmarks/moe_launch_count.py), times the Triton MoE
 #          grouped GEMMs against dense cuBLAS and the grouped-GEMM peers (benchmarks/moe_gpu_gemm.py, issue
-#          4's target; with the SwiGLU backward fused and split, and TMA loads on Hopper) and the split's
+#          4's target; with the SwiGLU backward fused and split, TMA loads and persistent launches on Hopper) and the split's
 #          parts (moe_gpu_probes.py);
 #   bench  runs `moon-fast bench` at GPU sizes (contrastive, attention, moe, train) with what time is left.
 # Everything goes under $OUT (default gpu_results/): env.txt, build.log, peers.log, tests.log, junit.xml,
@@ -30,7 +30,7 @@
 # Budgets (seconds; each step is cut at its limit and the script goes on): BUILD_BUDGET=150 (the build
 # took 106 s on a 16-core H100 machine), PEERS_BUDGET=200, TEST_BUDGET=240 (the tests took about 300 s
 # there in all: give more to see them all), MOE_BUDGET=240 (50 s there for the 9 rows per shape then; up to
-# 22 now, with the split, TMA and peer rows; plus 60 s for the launch count and 90 s for the probes (with the routing probe);
+# 26 now, with the split, TMA, persistent and peer rows; plus 60 s for the launch count and 90 s for the probes (with the routing probe);
 # moe_gpu_gemm.py saves its rows after each shape, bf16 first), BENCH_BUDGET=40 (shared equally among the
 # ops; cases still waiting when an op's share is spent are recorded as skipped; give 230 or more for a useful
 # table; the step may take 90 s more). All steps at once take up to about 18 minutes.

@@ -11,7 +11,9 @@ For each shape (S = T * k routed rows through H -> 2I -> H, E experts, top-k rou
   the dX2 GEMM into its own elementwise pass (``$MOON_FAST_MOE_SWIGLU_BWD=split``), and ``op_triton_split``
   the whole op in that mode: which of the two modes should be the default is measured here.
 - ``*_tma`` (16-bit, on a GPU with TMA): the same with the plain-tile operands loaded through TMA
-  descriptors (``$MOON_FAST_MOE_TMA=1``), against the pointer loads of the rows above.
+  descriptors (``$MOON_FAST_MOE_TMA=1``), against the pointer loads of the rows above. ``*_tma_persistent``:
+  with TMA, the row-tile launches persistent too (``$MOON_FAST_MOE_PERSISTENT=1``: one program per SM looping
+  over the tiles), against the ``*_tma`` rows.
 - ``torch_gmm_fwd`` / ``_bwd``, ``grouped_gemm_fwd`` / ``_bwd``: the same products as other libraries'
   grouped GEMMs (moe_gpu_launches ``peer_products``: torch's grouped_mm, the grouped_gemm package), on
   operands gathered beforehand: the grouped-GEMM peers of the Triton rows. A peer that cannot run here
@@ -47,7 +49,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, backends: list[str],
                   dev: str = "cuda") -> list[dict]:
-    from moon_fast.kernels.moe import _device_has_tma
+    from moon_fast.kernels.moe import _device_has_tma, persistent_programs
 
     from moon_fast.ops.moe import BACKENDS
 
@@ -92,6 +94,11 @@ def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, ba
         record("triton_fwd_tma", lambda: m.run(FORWARD, tma_plan), fwd_flops, base_f, FORWARD)
         record("triton_bwd_tma", lambda: m.run(BACKWARD, tma_plan), bwd_flops, base_b, BACKWARD)
         record("triton_bwd_split_tma", lambda: m.run(BACKWARD_SPLIT, tma_plan), bwd_flops, base_b, BACKWARD_SPLIT)
+        loop = m.plan_variant(tma=True, programs=persistent_programs(torch.device(dev)))
+        record("triton_fwd_tma_persistent", lambda: m.run(FORWARD, loop), fwd_flops, base_f, FORWARD)
+        record("triton_bwd_tma_persistent", lambda: m.run(BACKWARD, loop), bwd_flops, base_b, BACKWARD)
+        record("triton_bwd_split_tma_persistent", lambda: m.run(BACKWARD_SPLIT, loop), bwd_flops, base_b,
+               BACKWARD_SPLIT)
     for peer in PEERS:
         try:
             products = m.peer_products(peer)
@@ -108,6 +115,7 @@ def measure_shape(t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype, ba
         split, on = {"MOON_FAST_MOE_SWIGLU_BWD": "split"}, {"MOON_FAST_MOE_TMA": "1"}
         ops += [("op_triton_split", "triton", split)]
         ops += [("op_triton_tma", "triton", on), ("op_triton_split_tma", "triton", {**on, **split})] * tma
+        ops += [("op_triton_tma_persistent", "triton", {**on, "MOON_FAST_MOE_PERSISTENT": "1"})] * tma
     for name, backend, env in ops:
         reason = BACKENDS.why_unavailable(backend, dev)
         if reason:

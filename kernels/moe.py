@@ -5,7 +5,8 @@ S = T * k slots, rows in expert-contiguous order (moon_fast.ops.moe_routing). Th
 each row-tile program finds its expert and rows from the routing's bounds (``_row_tile``), and the grid
 is the upper bound cdiv(S, BM) + E of the tile count times the column tiles; surplus programs exit at once.
 Grids are ordered so that the programs sharing an operand block run together and share it through L2
-(``_tile_of_program``, ``_wgrad_grid``).
+(``_tile_of_program``, ``_wgrad_grid``). With ``$MOON_FAST_MOE_PERSISTENT=1`` (and TMA) the row-tile launches
+are persistent instead: one program per SM looping over the tiles in the same order (PERSISTENT_ENV).
 
 Kernels (shapes above each):
 * ``_swiglu_up_kernel``: h = silu(X[token] Wg^T) * (X[token] Wu^T), the gather of token rows fused into
@@ -63,6 +64,19 @@ SWIGLU_BWD_MODES = ("fused", "split")
 # Off by default until a GPU measures it against the pointer loads (benchmarks/moe_gpu_gemm.py,
 # ``op_triton_tma``).
 TMA_ENV = "MOON_FAST_MOE_TMA"
+# "1" (with TMA_ENV, on Hopper and later): the row-tile GEMMs (swiglu_up, down_fwd, dh / dh_swiglu, dx) run
+# persistent: one program per SM, each looping over the (row tile, column tile) pairs t = program,
+# program + grid, ... in one flattened loop (tl.range(flatten=True)) that the compiler software-pipelines
+# across tiles: the next tile's first TMA loads are in flight while this tile finishes its K loop and its
+# epilogue, which at H = 1024 and BK = 64 is a 16-step K loop per tile, 2 of them pipeline fill.
+# Only with TMA descriptors: compiled for sm_90 with pointer loads, the persistent kernels spilled registers
+# (the dh GEMM 112-156 bytes) and 3 of 6 launches lost their wgmma group in flight; with descriptors none
+# spills and every launch keeps one (tests/test_moe_triton_compile.py). Each persistent launch needs more
+# registers (swiglu_up 172-186 against 125-128), so one program fits per SM where two did.
+# Off by default: not yet run on a GPU (benchmarks/moe_gpu_gemm.py ``*_tma_persistent`` rows time it).
+PERSISTENT_ENV = "MOON_FAST_MOE_PERSISTENT"
+# Programs a persistent launch gets under the interpreter (no SMs): 2, so each loops over several tiles.
+_INTERPRETER_PROGRAMS = 2
 
 
 # Widths H or I that are not multiples of 16: Triton's JIT then cannot assume 16-divisible strides, so the
@@ -171,6 +185,14 @@ def tma_enabled() -> bool:
     return value == "1"
 
 
+def persistent_enabled() -> bool:
+    """``$MOON_FAST_MOE_PERSISTENT``: "1" on, unset / "0" off (see PERSISTENT_ENV)."""
+    value = os.environ.get(PERSISTENT_ENV) or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"${PERSISTENT_ENV} must be 0 or 1; got {value!r}")
+    return value == "1"
+
+
 def _device_has_tma(device: torch.device) -> bool:
     """Hopper (sm_90) or later; and the interpreter, which runs descriptor loads as TMA would (zero fill)."""
     if interpreting():
@@ -231,20 +253,23 @@ def _tile_of_program(N, BN: tl.constexpr):
 
 
 @triton.jit
-def _row_tile(bounds_ptr, tile, E, BM: tl.constexpr, EP: tl.constexpr):
-    """Row tile ``tile``: expert e (int64; E or more for a surplus tile), rows (BM,) in
-    expert-contiguous order and their mask (rows past the expert's last row are off).
-
-    Tile j is the j-th when each expert's rows, bounds[e]:bounds[e + 1], are cut into cdiv(count_e, BM)
-    tiles in expert order. Every program finds its own tile from bounds (EP >= E lanes): a prefix sum of the
-    tile counts, so no tile schedule is built between routing and the GEMMs. The grid holds the upper bound
-    cdiv(S, BM) + E of the tile count; programs past the last tile return at once."""
+def _expert_tiles(bounds_ptr, E, BM: tl.constexpr, EP: tl.constexpr):
+    """Each expert's rows, bounds[e]:bounds[e + 1], cut into cdiv(count_e, BM) tiles, over EP >= E lanes
+    (zero past E): (starts, ends, tiles, tile_end), each (EP,): the expert's first row, its end row, its tile
+    count and the running tile count up to and including it (a prefix sum)."""
     es = tl.arange(0, EP)
     emask = es < E
     starts = tl.load(bounds_ptr + es, mask=emask, other=0)
     ends = tl.load(bounds_ptr + 1 + es, mask=emask, other=0)
     tiles = (ends - starts + BM - 1) // BM
-    tile_end = tl.cumsum(tiles, 0)
+    return starts, ends, tiles, tl.cumsum(tiles, 0)
+
+
+@triton.jit
+def _locate_row_tile(tile, starts, ends, tiles, tile_end, BM: tl.constexpr, EP: tl.constexpr):
+    """Row tile ``tile`` from _expert_tiles: expert e (int64; E or more past the last tile), rows (BM,) in
+    expert-contiguous order and their mask (rows past the expert's last row are off)."""
+    es = tl.arange(0, EP)
     e = tl.sum((tile_end <= tile).to(tl.int32), 0)  # experts whose tiles all come before this one
     mine = es == e
     # this tile's first row: its expert's start + (tile - the expert's first tile) * BM, in one reduction
@@ -255,18 +280,26 @@ def _row_tile(bounds_ptr, tile, E, BM: tl.constexpr, EP: tl.constexpr):
     return e.to(tl.int64), rows, rows < row_end
 
 
+@triton.jit
+def _row_tile(bounds_ptr, tile, E, BM: tl.constexpr, EP: tl.constexpr):
+    """Row tile ``tile``: expert e (int64; E or more for a surplus tile), rows (BM,) in
+    expert-contiguous order and their mask (rows past the expert's last row are off).
+
+    Tile j is the j-th when each expert's rows, bounds[e]:bounds[e + 1], are cut into cdiv(count_e, BM)
+    tiles in expert order. Every program finds its own tile from bounds (EP >= E lanes): a prefix sum of the
+    tile counts, so no tile schedule is built between routing and the GEMMs. The grid holds the upper bound
+    cdiv(S, BM) + E of the tile count; programs past the last tile return at once."""
+    starts, ends, tiles, tile_end = _expert_tiles(bounds_ptr, E, BM, EP)
+    return _locate_row_tile(tile, starts, ends, tiles, tile_end, BM, EP)
+
+
 # x (T, H) rows gathered by token (S,); w (E, 2I, H) gate rows first -> h (S, I), gu (S, 2I)
 # One (BM, 2 BN) accumulator: columns [0, BN) the gate's n0 + j, [BN, 2 BN) the up projection's n0 + j.
 @triton.jit
-def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, bounds_ptr,
-                      H, INTER, stride_xm, stride_we, stride_wn, stride_wk,
-                      STORE_GU: tl.constexpr, W_DESC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      BK: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, COMPUTE: tl.constexpr,
-                      PRECISION: tl.constexpr):
-    tile, col_tile = _tile_of_program(INTER, BN)
-    e, rows, rmask = _row_tile(bounds_ptr, tile, E, BM, EP)
-    if e >= E:  # a surplus program of the grid's upper bound
-        return
+def _swiglu_up_tile(e, rows, rmask, col_tile, x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr,
+                    H, INTER, stride_xm, stride_we, stride_wn, stride_wk,
+                    STORE_GU: tl.constexpr, W_DESC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
     tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
     n0 = col_tile * BN
     cols = n0 + tl.arange(0, BN)
@@ -307,21 +340,39 @@ def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, bounds_ptr,
     tl.store(h_ptr + rows64[:, None] * INTER + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=omask)
 
 
+@triton.jit
+def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, bounds_ptr,
+                      H, INTER, stride_xm, stride_we, stride_wn, stride_wk,
+                      STORE_GU: tl.constexpr, W_DESC: tl.constexpr, PERSISTENT: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, COMPUTE: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    if PERSISTENT:  # see _persistent_tiles
+        starts, ends, tiles, tile_end = _expert_tiles(bounds_ptr, E, BM, EP)
+        n_cols = tl.cdiv(INTER, BN)
+        for t in tl.range(tl.program_id(0), tl.sum(tiles, 0) * n_cols, tl.num_programs(0), flatten=True):
+            e, rows, rmask = _locate_row_tile(t // n_cols, starts, ends, tiles, tile_end, BM, EP)
+            _swiglu_up_tile(e, rows, rmask, t % n_cols, x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, H, INTER,
+                            stride_xm, stride_we, stride_wn, stride_wk, STORE_GU, W_DESC, BM, BN, BK, COMPUTE,
+                            PRECISION)
+    else:
+        tile, col_tile = _tile_of_program(INTER, BN)
+        e, rows, rmask = _row_tile(bounds_ptr, tile, E, BM, EP)
+        if e < E:  # else a surplus program of the grid's upper bound
+            _swiglu_up_tile(e, rows, rmask, col_tile, x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, H, INTER,
+                            stride_xm, stride_we, stride_wn, stride_wk, STORE_GU, W_DESC, BM, BN, BK, COMPUTE,
+                            PRECISION)
+
+
 # C[c_row(r)] = (scale[r] * A[a_row(r)]) @ B[e]   A rows (K,), B[e] (K, N) by strides, C rows (N,)
 # SWIGLU_BWD: C is dh (N = I); the epilogue reads gu (S, 2I) and writes dgu (S, 2I) and h (S, I) to c_ptr
 # A_DESC / B_DESC (TMA_ENV): a_ptr / b_ptr are TMA tensor descriptors (see _rows_desc, _weights_desc)
 @triton.jit
-def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr, gu_ptr, dgu_ptr,
-                         bounds_ptr,
-                         N, K, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
-                         A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, C_SCATTER: tl.constexpr,
-                         SWIGLU_BWD: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         E: tl.constexpr, EP: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    tile, col_tile = _tile_of_program(N, BN)
-    e, rows, rmask = _row_tile(bounds_ptr, tile, E, BM, EP)
-    if e >= E:  # a surplus program of the grid's upper bound
-        return
+def _grouped_rows_tile(e, rows, rmask, col_tile, a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr, gu_ptr,
+                       dgu_ptr, N, K, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+                       A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, C_SCATTER: tl.constexpr,
+                       SWIGLU_BWD: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, COMPUTE: tl.constexpr,
+                       PRECISION: tl.constexpr):
     if A_GATHER:
         a_rows = tl.load(a_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
     else:
@@ -385,6 +436,33 @@ def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
         tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=omask)
 
 
+@triton.jit
+def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr, gu_ptr, dgu_ptr,
+                         bounds_ptr,
+                         N, K, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+                         A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, C_SCATTER: tl.constexpr,
+                         SWIGLU_BWD: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
+                         PERSISTENT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         E: tl.constexpr, EP: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    if PERSISTENT:  # see _persistent_tiles
+        starts, ends, tiles, tile_end = _expert_tiles(bounds_ptr, E, BM, EP)
+        n_cols = tl.cdiv(N, BN)
+        for t in tl.range(tl.program_id(0), tl.sum(tiles, 0) * n_cols, tl.num_programs(0), flatten=True):
+            e, rows, rmask = _locate_row_tile(t // n_cols, starts, ends, tiles, tile_end, BM, EP)
+            _grouped_rows_tile(e, rows, rmask, t % n_cols, a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
+                               gu_ptr, dgu_ptr, N, K, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+                               A_GATHER, A_SCALE, C_SCATTER, SWIGLU_BWD, A_DESC, B_DESC, BM, BN, BK, COMPUTE,
+                               PRECISION)
+    else:
+        tile, col_tile = _tile_of_program(N, BN)
+        e, rows, rmask = _row_tile(bounds_ptr, tile, E, BM, EP)
+        if e < E:  # else a surplus program of the grid's upper bound
+            _grouped_rows_tile(e, rows, rmask, col_tile, a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
+                               gu_ptr, dgu_ptr, N, K, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+                               A_GATHER, A_SCALE, C_SCATTER, SWIGLU_BWD, A_DESC, B_DESC, BM, BN, BK, COMPUTE,
+                               PRECISION)
+
+
 # C[e] (M, N) = sum over rows r of expert e of A[a_row(r), :M]^T B[b_row(r), :N]
 # grid (cdiv(N, BN), cdiv(M, BM), E): see _wgrad_grid
 @triton.jit
@@ -423,6 +501,16 @@ def _grouped_wgrad_kernel(a_ptr, a_idx_ptr, b_ptr, b_idx_ptr, c_ptr, bounds_ptr,
 
 # ----------------------------------------------------------------------------- launchers
 
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def persistent_programs(device: torch.device) -> int:
+    """Programs of a persistent launch on ``device``: one per SM (each persistent launch compiles to one
+    program per SM on sm_90: see PERSISTENT_ENV); _INTERPRETER_PROGRAMS under the interpreter."""
+    return _INTERPRETER_PROGRAMS if interpreting() else _sm_count(device)
+
+
 class _Plan:
     """Routing (kernels/moe_routing.py) and launch constants shared by the forward and backward launches."""
 
@@ -438,12 +526,16 @@ class _Plan:
         self.precision = _precision(dtype)
         self.swiglu_bwd = swiglu_backward_mode()
         self.tma = tma_enabled() and dtype in (torch.float16, torch.bfloat16) and hopper
+        # programs of a persistent launch (PERSISTENT_ENV; 0: one program per tile)
+        self.programs = persistent_programs(expert_idx.device) if self.tma and persistent_enabled() else 0
 
     def rows_grid(self, opts: dict, n: int) -> tuple[int]:
         """The 1-D grid of a row-tile launch with output width ``n``: row tiles (an upper bound of
-        sum_e cdiv(count_e, BM)) x column tiles, the column tile fastest (_tile_of_program)."""
+        sum_e cdiv(count_e, BM)) x column tiles, the column tile fastest (_tile_of_program); persistent, at
+        most ``programs`` (each loops over the real tiles: see PERSISTENT_ENV)."""
         row_tiles = triton.cdiv(self.routing.num_slots, opts["BM"]) + self.routing.num_experts
-        return (row_tiles * triton.cdiv(n, opts["BN"]),)
+        tiles = row_tiles * triton.cdiv(n, opts["BN"])
+        return (min(tiles, self.programs) if self.programs else tiles,)
 
     def launch_opts(self, launch: str) -> dict:
         return {**self.cfg[launch], "COMPUTE": self.compute, "PRECISION": self.precision}
@@ -464,7 +556,8 @@ def swiglu_up(plan: _Plan, hidden, gate_up_proj, store_gu: bool):
         w = TensorDescriptor(w, shape, strides, [1, 2, opts["BN"], opts["BK"]])
     _swiglu_up_kernel[grid](hidden, plan.routing.token, w, h, gu, plan.bounds, hidden.shape[1], inter,
                             hidden.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
-                            STORE_GU=store_gu, W_DESC=w is not gate_up_proj, **plan.experts, **opts)
+                            STORE_GU=store_gu, W_DESC=w is not gate_up_proj, PERSISTENT=plan.programs > 0,
+                            **plan.experts, **opts)
     return h, (gu if store_gu else None)
 
 
@@ -489,7 +582,8 @@ def grouped_rows(plan: _Plan, launch: str, a, b, n, *, a_idx=None, a_scale=None,
         c_idx if c_idx is not None else plan.bounds, swiglu_gu if swiglu_gu is not None else c, dgu,
         plan.bounds, n, k, a.stride(0), b.stride(0), b.stride(1), b.stride(2),
         c.stride(0), A_GATHER=a_idx is not None, A_SCALE=a_scale is not None, C_SCATTER=c_idx is not None,
-        SWIGLU_BWD=swiglu_gu is not None, A_DESC=a_op is not a, B_DESC=b_mode, **plan.experts, **opts)
+        SWIGLU_BWD=swiglu_gu is not None, A_DESC=a_op is not a, B_DESC=b_mode, PERSISTENT=plan.programs > 0,
+        **plan.experts, **opts)
     return (c, dgu) if swiglu_gu is not None else c
 
 

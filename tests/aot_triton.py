@@ -75,7 +75,7 @@ def start_recording() -> None:
 
 def exercise_moe(configs) -> None:
     """configs: (dtype name, T, H, I, E, k). Forward + backward (SwiGLU backward fused, then split; then both
-    with TMA descriptors), and the inference forward."""
+    with TMA descriptors, and both with TMA descriptors in persistent launches), and the inference forward."""
     import moon_fast.kernels.moe as moe_triton
     import torch
 
@@ -92,6 +92,7 @@ def exercise_moe(configs) -> None:
 
     moe_triton.route_triton = recorded_routing
     moe_triton._device_has_tma = lambda device: ARCH >= 90  # the target's, not this CPU's
+    moe_triton._sm_count = lambda device: 132  # an H100's (the grid does not change what is compiled)
     moe_mlp_triton = moe_triton.moe_mlp_triton
     for dtype, t, h, inter, e, k in configs:
         dt = getattr(torch, dtype)
@@ -104,8 +105,9 @@ def exercise_moe(configs) -> None:
         moe_mlp_triton(*(x.detach() for x in (hidden, idx, weight, gate_up, down)))  # STORE_GU=False
         # the plain dh GEMM and the elementwise pass; then TMA descriptors for the plain-tile operands
         # (16-bit only), with the SwiGLU backward fused and split
-        for env in ({moe_triton.SWIGLU_BWD_ENV: "split"}, {moe_triton.TMA_ENV: "1"},
-                    {moe_triton.TMA_ENV: "1", moe_triton.SWIGLU_BWD_ENV: "split"}):
+        tma, persistent = {moe_triton.TMA_ENV: "1"}, {moe_triton.TMA_ENV: "1", moe_triton.PERSISTENT_ENV: "1"}
+        for env in ({moe_triton.SWIGLU_BWD_ENV: "split"}, tma, {**tma, moe_triton.SWIGLU_BWD_ENV: "split"},
+                    persistent, {**persistent, moe_triton.SWIGLU_BWD_ENV: "split"}):
             os.environ.update(env)
             try:
                 moe_mlp_triton(hidden, idx, weight, gate_up, down).sum().backward()

@@ -26,10 +26,11 @@ def test_moe_gpu_gemm_rows(dtype):
         ["hbm_copy"] + [f"floor_{n}" for n in ("swiglu_up", "down_fwd", "dh_swiglu", "wgrad_down", "wgrad_gate_up",
                                               "dx", "dh")]
         + ["dense_fwd", "triton_fwd", "dense_bwd", "triton_bwd", "triton_bwd_split"]
-        + ["triton_fwd_tma", "triton_bwd_tma", "triton_bwd_split_tma"] * tma
+        + ["triton_fwd_tma", "triton_bwd_tma", "triton_bwd_split_tma", "triton_fwd_tma_persistent",
+           "triton_bwd_tma_persistent", "triton_bwd_split_tma_persistent"] * tma
         + ["torch_gmm_fwd", "torch_gmm_bwd", "grouped_gemm_fwd", "grouped_gemm_bwd"]
         + ["dense_fwdbwd", "op_triton", "op_torch", "op_grouped_gemm", "op_triton_split"]
-        + ["op_triton_tma", "op_triton_split_tma"] * tma)
+        + ["op_triton_tma", "op_triton_split_tma", "op_triton_tma_persistent"] * tma)
     skipped = {r["what"]: r["skipped"] for r in rows if "skipped" in r}
     # the grouped_gemm peer needs its package (and bf16) and a GPU; it says so instead of failing
     assert set(skipped) == {"grouped_gemm_fwd", "grouped_gemm_bwd", "op_grouped_gemm"}, skipped

@@ -113,8 +113,14 @@ def _skip_unavailable(backend):
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_backend_matches_reference(backend, case, dtype):
     _skip_unavailable(backend)
+    check_case(backend, case, dtype)
+
+
+def check_case(backend, case, dtype, device="cpu"):
+    """``backend`` on ``case`` in ``dtype`` against the reference on ``device`` (fp32 reference as the oracle)."""
     _, t, h, i, e, k, routing = case
     tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=case_seed(case))
+    tensors, idx, grad_out = [x.to(device) for x in tensors], idx.to(device), grad_out.to(device)
     ref32 = run("reference", tensors, idx, grad_out)
     ref_lp = run("reference", tensors, idx, grad_out, dtype)
     got = run(backend, tensors, idx, grad_out, dtype)
@@ -170,12 +176,8 @@ def test_triton_split_swiglu_backward_matches_reference(case, dtype, monkeypatch
     monkeypatch.setattr(moe_triton, "swiglu_backward", recording_split_pass)
     monkeypatch.setenv(moe_triton.SWIGLU_BWD_ENV, "split")
     _, t, h, i, e, k, routing = case
-    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=case_seed(case))
-    ref32 = run("reference", tensors, idx, grad_out)
-    ref_lp = run("reference", tensors, idx, grad_out, dtype)
-    got = run("triton", tensors, idx, grad_out, dtype)
+    check_case("triton", case, dtype)
     assert calls == [(t * k, i)], "the split SwiGLU backward did not run"
-    check_against_fp32_oracle(got, ref_lp, ref32, dtype)
 
 
 def test_triton_swiglu_backward_mode_env(monkeypatch):
@@ -225,11 +227,7 @@ def test_triton_tma_operands_match_reference(case, dtype, swiglu_bwd, monkeypatc
     monkeypatch.setenv(moe_triton.TMA_ENV, "1")
     monkeypatch.setenv(moe_triton.SWIGLU_BWD_ENV, swiglu_bwd)
     _, t, h, i, e, k, routing = case
-    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=case_seed(case))
-    ref32 = run("reference", tensors, idx, grad_out)
-    ref_lp = run("reference", tensors, idx, grad_out, dtype)
-    got = run("triton", tensors, idx, grad_out, dtype)
-    check_against_fp32_oracle(got, ref_lp, ref32, dtype)
+    check_case("triton", case, dtype)
     s = t * k
     # swiglu_up views gate_up as (E, 2, I, H): one box holds the gate and up rows
     if i % 8 == 0:  # swiglu_up: gate_up; down_fwd: h rows, down; dh: down; dx: dgu rows, gate_up
@@ -266,19 +264,73 @@ def test_triton_tma_leaves_misaligned_weights_on_pointer_loads(monkeypatch):
     check_against_fp32_oracle(got, ref_lp, ref32, torch.bfloat16)
 
 
-def test_triton_tma_env(monkeypatch):
+@pytest.mark.parametrize("env, getter", [("TMA_ENV", "tma_enabled"), ("PERSISTENT_ENV", "persistent_enabled")])
+def test_triton_on_off_switches(env, getter, monkeypatch):
     pytest.importorskip("triton")
     import moon_fast.kernels.moe as moe_triton
 
-    monkeypatch.delenv(moe_triton.TMA_ENV, raising=False)
-    assert moe_triton.tma_enabled() is False
-    monkeypatch.setenv(moe_triton.TMA_ENV, "1")
-    assert moe_triton.tma_enabled() is True
-    monkeypatch.setenv(moe_triton.TMA_ENV, "yes")
-    with pytest.raises(ValueError, match="MOON_FAST_MOE_TMA must be 0 or 1"):
-        moe_triton.tma_enabled()
-    monkeypatch.setattr(moe_triton, "interpreting", lambda: False)  # off the interpreter, a CPU has no TMA
+    name, read = getattr(moe_triton, env), getattr(moe_triton, getter)
+    monkeypatch.delenv(name, raising=False)
+    assert read() is False
+    monkeypatch.setenv(name, "1")
+    assert read() is True
+    monkeypatch.setenv(name, "0")
+    assert read() is False
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):
+        read()
+
+
+def test_triton_no_tma_on_a_cpu_off_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    import moon_fast.kernels.moe as moe_triton
+
+    monkeypatch.setattr(moe_triton, "interpreting", lambda: False)
     assert moe_triton._device_has_tma(torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize("swiglu_bwd", ["fused", "split"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TMA_CASES, ids=[c[0] for c in TMA_CASES])
+def test_triton_persistent_launches_match_reference(case, dtype, swiglu_bwd, monkeypatch):
+    """$MOON_FAST_MOE_PERSISTENT=1 (with TMA): every row-tile launch gets a grid of 2 programs under the
+    interpreter (kernels/moe.py _INTERPRETER_PROGRAMS), each looping over its share of the (row tile, column
+    tile) pairs; outputs start poisoned, so a pair no program reached fails. Against the reference, and the
+    launched grids checked: each a persistent one."""
+    triton = pytest.importorskip("triton")
+    import moon_fast.kernels.moe as moe_triton
+
+    grids = []
+    real_grid = moe_triton._Plan.rows_grid
+
+    def recording_grid(plan, opts, n):
+        grid = real_grid(plan, opts, n)
+        grids.append((grid[0], (triton.cdiv(plan.routing.num_slots, opts["BM"]) + plan.routing.num_experts)
+                      * triton.cdiv(n, opts["BN"])))
+        return grid
+
+    monkeypatch.setattr(moe_triton._Plan, "rows_grid", recording_grid)
+    monkeypatch.setenv(moe_triton.TMA_ENV, "1")
+    monkeypatch.setenv(moe_triton.PERSISTENT_ENV, "1")
+    monkeypatch.setenv(moe_triton.SWIGLU_BWD_ENV, swiglu_bwd)
+    check_case("triton", case, dtype)
+    # swiglu_up, down, dh (or dh_swiglu), dx: each on 2 programs, looping where there are more tiles
+    assert len(grids) == 4 and all(g == min(2, bound) for g, bound in grids), grids
+
+
+def test_triton_persistent_only_with_tma(monkeypatch):
+    """The persistent launches come with TMA descriptors only: fp32 (no descriptors) and TMA off keep one
+    program per tile."""
+    pytest.importorskip("triton")
+    import moon_fast.kernels.moe as moe_triton
+
+    idx = torch.tensor([[0, 1], [1, 0]])
+    monkeypatch.setenv(moe_triton.PERSISTENT_ENV, "1")
+    monkeypatch.setenv(moe_triton.TMA_ENV, "1")
+    assert moe_triton._Plan(idx, 2, torch.bfloat16, (16, 16)).programs == moe_triton._INTERPRETER_PROGRAMS
+    assert moe_triton._Plan(idx, 2, torch.float32, (16, 16)).programs == 0
+    monkeypatch.setenv(moe_triton.TMA_ENV, "0")
+    assert moe_triton._Plan(idx, 2, torch.bfloat16, (16, 16)).programs == 0
 
 
 # ----------------------------------------------------------------------------- on a CUDA GPU
@@ -305,13 +357,7 @@ def test_backend_matches_reference_on_cuda(backend, case, dtype):
     if reason and backend in ("grouped_gemm", "megablocks"):
         pytest.skip(f"{backend}: package not installed on this GPU machine: {reason}")
     assert reason is None, f"{backend} should run on a CUDA GPU: {reason}"
-    _, t, h, i, e, k, routing = case
-    tensors, idx, grad_out = make_inputs(t, h, i, e, k, routing, torch.float32, seed=case_seed(case))
-    tensors, idx, grad_out = [x.cuda() for x in tensors], idx.cuda(), grad_out.cuda()
-    ref32 = run("reference", tensors, idx, grad_out)
-    ref_lp = run("reference", tensors, idx, grad_out, dtype)
-    got = run(backend, tensors, idx, grad_out, dtype)
-    check_against_fp32_oracle(got, ref_lp, ref32, dtype)
+    check_case(backend, case, dtype, device="cuda")
 
 
 @pytest.mark.parametrize("backend", BF16_ONLY_PEERS)
@@ -328,7 +374,10 @@ def test_bf16_only_peers_reject_other_dtypes(backend):
 
 
 TRITON_MODES = {"split": {"MOON_FAST_MOE_SWIGLU_BWD": "split"}, "tma": {"MOON_FAST_MOE_TMA": "1"},
-                "tma_split": {"MOON_FAST_MOE_TMA": "1", "MOON_FAST_MOE_SWIGLU_BWD": "split"}}
+                "tma_split": {"MOON_FAST_MOE_TMA": "1", "MOON_FAST_MOE_SWIGLU_BWD": "split"},
+                "tma_persistent": {"MOON_FAST_MOE_TMA": "1", "MOON_FAST_MOE_PERSISTENT": "1"},
+                "tma_persistent_split": {"MOON_FAST_MOE_TMA": "1", "MOON_FAST_MOE_PERSISTENT": "1",
+                                         "MOON_FAST_MOE_SWIGLU_BWD": "split"}}
 MODE_CASES = [c for c in GPU_CASES if c[0] in ("one_token", "empty_expert", "many_rows_per_expert", "gpu_aligned",
                                                "gpu_unaligned")]
 
@@ -338,8 +387,9 @@ MODE_CASES = [c for c in GPU_CASES if c[0] in ("one_token", "empty_expert", "man
 @pytest.mark.parametrize("case", MODE_CASES, ids=[c[0] for c in MODE_CASES])
 @pytest.mark.parametrize("mode", list(TRITON_MODES))
 def test_triton_modes_match_reference_on_cuda(mode, case, dtype, monkeypatch):
-    """The Triton backend's optional modes on a real GPU: the split SwiGLU backward, and TMA descriptor loads
-    (where the GPU has TMA: real TMA boxes, whose zero fill past the tensor the interpreter only imitates)."""
+    """The Triton backend's optional modes on a real GPU: the split SwiGLU backward, TMA descriptor loads
+    (where the GPU has TMA: real TMA boxes, whose zero fill past the tensor the interpreter only imitates) and
+    with them persistent launches (one program per SM, each looping over tiles)."""
     for name, value in TRITON_MODES[mode].items():
         monkeypatch.setenv(name, value)
     test_backend_matches_reference_on_cuda("triton", case, dtype)

@@ -23,6 +23,9 @@ TMA_VARIANTS = [("_swiglu_up_kernel", ("STORE_GU", "W_DESC")), ("_swiglu_up_kern
                 ("_grouped_rows_kernel", ("C_SCATTER", "A_DESC", "B_DESC=1")),  # dx GEMM
                 ("_grouped_rows_kernel", ("A_GATHER", "A_SCALE", "SWIGLU_BWD", "B_DESC=1")),
                 ("_grouped_rows_kernel", ("A_GATHER", "A_SCALE", "B_DESC=1"))]
+# With $MOON_FAST_MOE_PERSISTENT=1 too: the same launches, each a persistent loop over its tiles (16-bit on
+# Hopper only, where TMA is).
+PERSISTENT_VARIANTS = [(name, switches + ("PERSISTENT",)) for name, switches in TMA_VARIANTS]
 # The small kernels around the GEMMs: routing (kernels/moe_routing.py), combine and its weight gradient
 # (kernels/moe_combine.py), the split SwiGLU backward (kernels/moe_swiglu.py). They have no tile table; each
 # must compile and spill nothing.
@@ -39,9 +42,11 @@ def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, triton_dir, tmp_path):
     covered = set()
     for kern in kernels:
         flags = kern["flags"]
-        switches = tuple(name for name, value in flags.items() if value is True)
+        switches = tuple(name for name, value in flags.items() if value is True and name != "PERSISTENT")
         if flags.get("B_DESC"):
             switches += (f"B_DESC={flags['B_DESC']}",)
+        if flags.get("PERSISTENT"):
+            switches += ("PERSISTENT",)
         if kern["name"] in HELPERS:
             assert kern["spills"] == 0, kern
             covered.add(kern["name"])
@@ -67,18 +72,20 @@ def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, triton_dir, tmp_path):
         if flags.get("SWIGLU_BWD") and flags["COMPUTE"] != "fp32" and kern["aligned"]:
             # The fused dh epilogue converts each half of the accumulator once into the layout its loads and
             # stores share, and leaves registers for 2 programs per SM (one's epilogue traffic can overlap the
-            # other's MMAs); the whole-tile epilogue took 4 conversions and fit 1 program on sm_90.
-            assert kern["layout_converts"] <= 2 and kern["ctas_per_sm"] >= 2, kern
+            # other's MMAs); the whole-tile epilogue took 4 conversions and fit 1 program on sm_90. (A persistent
+            # launch has one program per SM by design: its next tile's loads overlap this tile's epilogue.)
+            assert kern["layout_converts"] <= 2, kern
+            assert kern["ctas_per_sm"] >= (1 if flags.get("PERSISTENT") else 2), kern
         # Accumulators stay in registers: a spill would cost every K step. Widths that are not multiples of 16
         # (the unaligned specialisation: element-wise masked loads) get their own tiles for this
         # (kernels/moe.py _UNALIGNED_TILES).
         assert kern["spills"] == 0, kern
     missing = [(name, sw, dt) for name, sw in VARIANTS for dt in ("bf16", "fp16", "fp32")
                if (name, sw, dt, True) not in covered]
-    tma = [(name, sw, dt) for name, sw in TMA_VARIANTS for dt in ("bf16", "fp16")]
+    tma = [(name, sw, dt) for name, sw in TMA_VARIANTS + PERSISTENT_VARIANTS for dt in ("bf16", "fp16")]
     if arch >= 90:
         missing += [v for v in tma if (*v, True) not in covered]
-    else:  # no TMA before Hopper: $MOON_FAST_MOE_TMA is ignored there
+    else:  # no TMA before Hopper: $MOON_FAST_MOE_TMA (and with it $MOON_FAST_MOE_PERSISTENT) is ignored there
         assert not [v for v in tma if (*v, True) in covered], "TMA launches compiled for a GPU without TMA"
     assert not missing, f"launches not compiled in their aligned specialisation: {missing}"
     # ... and the unaligned one (the CI configuration with widths 96 and 72), which has its own tiles
