@@ -58,7 +58,7 @@ TILES_ENV = "MOON_FAST_MOE_TILES"
 SWIGLU_BWD_ENV = "MOON_FAST_MOE_SWIGLU_BWD"
 SWIGLU_BWD_MODES = ("fused", "split")
 # "1": on Hopper and later, 16-bit GEMM operands that are plain tiles (the weights; A rows where they are not
-# gathered) load through TMA tensor descriptors. Ignored on older GPUs: there Triton lowers descriptors to
+# gathered; in the weight gradients, w * h and d gu, whole BK-row blocks) load through TMA tensor descriptors. Ignored on older GPUs: there Triton lowers descriptors to
 # ordinary loads, which compiled for sm_80 spilled registers (712 bytes in the down GEMM) and kept fewer
 # stages (benchmarks/results/2026-11-22-aot/triton_aot_sm80_moe_tma_forced_6819b96.txt).
 # Off by default until a GPU measures it against the pointer loads (benchmarks/moe_gpu_gemm.py,
@@ -206,9 +206,9 @@ def _tma_ok(t: torch.Tensor) -> bool:
             and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
 
 
-def _rows_desc(a: torch.Tensor, bm: int, bk: int):
-    """A (S, K) row-major as a descriptor of (BM, BK) boxes, or None where the layout does not allow one."""
-    return TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk]) if _tma_ok(a) else None
+def _rows_desc(a: torch.Tensor, rows: int, cols: int):
+    """A (S, K) row-major as a descriptor of (rows, cols) boxes, or None where the layout does not allow one."""
+    return TensorDescriptor(a, list(a.shape), list(a.stride()), [rows, cols]) if _tma_ok(a) else None
 
 
 def _weights_desc(b: torch.Tensor, bk: int, bn: int):
@@ -463,38 +463,69 @@ def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
                                PRECISION)
 
 
+@triton.jit
+def _wgrad_step(acc, a_ptr, a_idx_ptr, b_ptr, b_idx_ptr, r0, end, m0, n0, ms, ns, mmask, nmask, stride_am, stride_bm,
+                A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
+                BK: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc (BM, BN) += A[rows r0 .. r0 + BK, ms]^T B[rows, ns], rows past ``end`` zero (pointer loads; a
+    descriptor's box is read whole: its caller gives it only rows below ``end``)."""
+    rs = r0 + tl.arange(0, BK)
+    rmask = rs < end
+    # both operands' row indices before either tile's load (in this order the pointer-only kernels compile as
+    # they did before descriptors: loading A first took sm_80's fp32 d gate_up kernel from 138 to 242 registers)
+    if A_GATHER:
+        a_rows = tl.load(a_idx_ptr + rs, mask=rmask, other=0).to(tl.int64)
+    else:
+        a_rows = rs.to(tl.int64)
+    if B_GATHER:
+        b_rows = tl.load(b_idx_ptr + rs, mask=rmask, other=0).to(tl.int64)
+    else:
+        b_rows = rs.to(tl.int64)
+    if A_DESC:  # A (S, M) in boxes (BK, BM)
+        at = a_ptr.load([r0, m0]).trans()
+    else:
+        at = tl.load(a_ptr + a_rows[None, :] * stride_am + ms[:, None], mask=mmask[:, None] & rmask[None, :],
+                     other=0.0)
+    if B_DESC:  # B (S, N) in boxes (BK, BN)
+        b = b_ptr.load([r0, n0])
+    else:
+        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + ns[None, :], mask=rmask[:, None] & nmask[None, :],
+                    other=0.0)
+    return tl.dot(at.to(COMPUTE), b.to(COMPUTE), acc, input_precision=PRECISION)
+
+
 # C[e] (M, N) = sum over rows r of expert e of A[a_row(r), :M]^T B[b_row(r), :N]
 # grid (cdiv(N, BN), cdiv(M, BM), E): see _wgrad_grid
+# A_DESC / B_DESC (TMA_ENV; operands whose rows are not gathered): TMA descriptors of (BK, BM) / (BK, BN)
+# boxes. A box reads BK rows whatever the expert's end, and the next expert's rows cannot be masked out of
+# a reduction over rows (zeros times their values may be NaN), so the descriptors take the whole BK-row
+# blocks of the expert and the last partial block goes through masked pointer loads (a_rows / b_rows: the
+# tensors themselves, where a_ptr / b_ptr are descriptors).
 @triton.jit
-def _grouped_wgrad_kernel(a_ptr, a_idx_ptr, b_ptr, b_idx_ptr, c_ptr, bounds_ptr,
+def _grouped_wgrad_kernel(a_ptr, a_idx_ptr, b_ptr, b_idx_ptr, c_ptr, bounds_ptr, a_rows, b_rows,
                           M, N, stride_am, stride_bm, stride_ce,
-                          A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                          A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, A_DESC: tl.constexpr,
+                          B_DESC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                           COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
     e = tl.program_id(2).to(tl.int64)
     start = tl.load(bounds_ptr + e)
     end = tl.load(bounds_ptr + e + 1)
-    ms = tl.program_id(1) * BM + tl.arange(0, BM)
-    ns = tl.program_id(0) * BN + tl.arange(0, BN)
+    m0 = tl.program_id(1) * BM
+    n0 = tl.program_id(0) * BN
+    ms = m0 + tl.arange(0, BM)
+    ns = n0 + tl.arange(0, BN)
     mmask = ms < M
     nmask = ns < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for r0 in range(start, end, BK):
-        rs = r0 + tl.arange(0, BK)
-        rmask = rs < end
-        if A_GATHER:
-            a_rows = tl.load(a_idx_ptr + rs, mask=rmask, other=0).to(tl.int64)
-        else:
-            a_rows = rs.to(tl.int64)
-        if B_GATHER:
-            b_rows = tl.load(b_idx_ptr + rs, mask=rmask, other=0).to(tl.int64)
-        else:
-            b_rows = rs.to(tl.int64)
-        at = tl.load(a_ptr + a_rows[None, :] * stride_am + ms[:, None], mask=mmask[:, None] & rmask[None, :],
-                     other=0.0)
-        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + ns[None, :], mask=rmask[:, None] & nmask[None, :],
-                    other=0.0)
-        acc = tl.dot(at.to(COMPUTE), b.to(COMPUTE), acc, input_precision=PRECISION)
+    r_tail = start
+    if A_DESC or B_DESC:
+        r_tail = start + (end - start) // BK * BK
+        for r0 in range(start, r_tail, BK):
+            acc = _wgrad_step(acc, a_ptr, a_idx_ptr, b_ptr, b_idx_ptr, r0, end, m0, n0, ms, ns, mmask, nmask,
+                              stride_am, stride_bm, A_GATHER, B_GATHER, A_DESC, B_DESC, BK, COMPUTE, PRECISION)
+    for r0 in range(r_tail, end, BK):
+        acc = _wgrad_step(acc, a_rows, a_idx_ptr, b_rows, b_idx_ptr, r0, end, m0, n0, ms, ns, mmask, nmask,
+                          stride_am, stride_bm, A_GATHER, B_GATHER, False, False, BK, COMPUTE, PRECISION)
     out = c_ptr + e * stride_ce + ms[:, None].to(tl.int64) * N + ns[None, :]
     tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
@@ -602,10 +633,16 @@ def grouped_wgrad(plan: _Plan, launch: str, a, b, *, a_idx=None, b_idx=None):
     m, n, e = a.shape[1], b.shape[1], plan.routing.num_experts
     c = _utils.new_output((e, m, n), a)
     opts = plan.launch_opts(launch)
+    a_op, b_op = a, b
+    if plan.tma:  # the operand whose rows are not gathered, through a descriptor where its layout allows one
+        if a_idx is None:
+            a_op = _rows_desc(a, opts["BK"], opts["BM"]) or a
+        if b_idx is None:
+            b_op = _rows_desc(b, opts["BK"], opts["BN"]) or b
     _grouped_wgrad_kernel[_wgrad_grid(e, m, n, opts)](
-        a, a_idx if a_idx is not None else plan.bounds, b, b_idx if b_idx is not None else plan.bounds, c,
-        plan.bounds, m, n, a.stride(0), b.stride(0), c.stride(0),
-        A_GATHER=a_idx is not None, B_GATHER=b_idx is not None, **opts)
+        a_op, a_idx if a_idx is not None else plan.bounds, b_op, b_idx if b_idx is not None else plan.bounds, c,
+        plan.bounds, a, b, m, n, a.stride(0), b.stride(0), c.stride(0),
+        A_GATHER=a_idx is not None, B_GATHER=b_idx is not None, A_DESC=a_op is not a, B_DESC=b_op is not b, **opts)
     return c
 
 

@@ -60,10 +60,11 @@ def run(backend, tensors, idx, grad_out, dtype=None):
 NAMES = ["out", "d_hidden", "d_expert_weight", "d_gate_up_proj", "d_down_proj"]
 
 
-def check_against_fp32_oracle(got, ref_lp, ref_fp32, dtype, *, factor=2.0):
+def check_against_fp32_oracle(got, ref_lp, ref_fp32, dtype, *, factor=2.0, names=NAMES):
     """fp32: element-wise tolerance. fp16/bf16: the backend's error against the fp32 reference is at
-    most ``factor`` x the low-precision reference's own error, plus a floor (FlashAttention's rule)."""
-    for name, g, r_lp, r32 in zip(NAMES, got, ref_lp, ref_fp32):
+    most ``factor`` x the low-precision reference's own error, plus a floor (FlashAttention's rule).
+    ``names``: of the tensors in each list (by default a call's output and gradients, as ``run`` gives them)."""
+    for name, g, r_lp, r32 in zip(names, got, ref_lp, ref_fp32, strict=True):
         assert g is not None, f"{name}: no gradient"
         assert g.dtype == r_lp.dtype, f"{name}: dtype {g.dtype}, expected {r_lp.dtype}"
         if dtype == torch.float32:
@@ -230,10 +231,12 @@ def test_triton_tma_operands_match_reference(case, dtype, swiglu_bwd, monkeypatc
     check_case("triton", case, dtype)
     s = t * k
     # swiglu_up views gate_up as (E, 2, I, H): one box holds the gate and up rows
-    if i % 8 == 0:  # swiglu_up: gate_up; down_fwd: h rows, down; dh: down; dx: dgu rows, gate_up
-        want = [(e, 2, i, h), (s, i), (e, h, i), (e, h, i), (s, 2 * i), (e, 2 * i, h)]
-    else:  # I = 12: only gate_up (H-wide rows, in swiglu_up and dx) and dx's dgu rows (2I = 24: 48 bytes)
-        want = [(e, 2, i, h), (s, 2 * i), (e, 2 * i, h)]
+    # swiglu_up: gate_up; down_fwd: h rows, down; dh: down; d down_proj: w * h rows; d gate_up: dgu rows;
+    # dx: dgu rows, gate_up
+    if i % 8 == 0:
+        want = [(e, 2, i, h), (s, i), (e, h, i), (e, h, i), (s, i), (s, 2 * i), (s, 2 * i), (e, 2 * i, h)]
+    else:  # I = 12: only gate_up (H-wide rows, in swiglu_up and dx) and dgu rows (2I = 24: 48 bytes)
+        want = [(e, 2, i, h), (s, 2 * i), (s, 2 * i), (e, 2 * i, h)]
     assert sorted(made) == sorted(want), made
 
 
@@ -262,6 +265,31 @@ def test_triton_tma_leaves_misaligned_weights_on_pointer_loads(monkeypatch):
     ref32 = run("reference", [x.float() for x in tensors], idx, grad_out)
     ref_lp = run("reference", tensors, idx, grad_out)
     check_against_fp32_oracle(got, ref_lp, ref32, torch.bfloat16)
+
+
+# expert 1's products of infinite values are NaN on purpose (numpy says so under the interpreter)
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+def test_triton_tma_weight_grads_read_only_their_experts_rows(monkeypatch):
+    """With TMA, a weight gradient's descriptor box holds BK rows whatever the expert's end, so an expert's
+    last partial block goes through masked pointer loads instead: the next expert's rows never enter its sum.
+    Zeros times those rows would not be enough: here expert 1 has a token of infinite hidden values (its
+    rows of d gu and w * h are not finite), and expert 0's 20 rows (a 16-row block and a partial one under the
+    interpreter) must still give finite d gate_up / d down_proj, equal to the reference's."""
+    pytest.importorskip("triton")
+    import moon_fast.kernels.moe as moe_triton
+
+    monkeypatch.setenv(moe_triton.TMA_ENV, "1")
+    t, h, i, e = 25, 16, 16, 2
+    tensors, _, grad_out = make_inputs(t, h, i, e, 1, "random", torch.float32, seed=3)
+    idx = torch.tensor([0] * 20 + [1] * 5)[:, None]
+    tensors[0][22] = float("inf")  # a token of expert 1
+    got = run("triton", tensors, idx, grad_out, torch.bfloat16)
+    ref32 = run("reference", tensors, idx, grad_out)
+    ref_lp = run("reference", tensors, idx, grad_out, torch.bfloat16)
+    for name, w in zip(("d_gate_up_proj", "d_down_proj"), ref32[3:]):
+        assert not w[1].isfinite().all(), f"the case lost its teeth: expert 1's {name} is finite"
+    check_against_fp32_oracle([g[0] for g in got[3:]], [r[0] for r in ref_lp[3:]], [r[0] for r in ref32[3:]],
+                              torch.bfloat16, names=("expert 0's d_gate_up_proj", "expert 0's d_down_proj"))
 
 
 @pytest.mark.parametrize("env, getter", [("TMA_ENV", "tma_enabled"), ("PERSISTENT_ENV", "persistent_enabled")])

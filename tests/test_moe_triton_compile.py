@@ -22,10 +22,13 @@ TMA_VARIANTS = [("_swiglu_up_kernel", ("STORE_GU", "W_DESC")), ("_swiglu_up_kern
                 ("_grouped_rows_kernel", ("C_SCATTER", "A_DESC", "B_DESC=2")),  # down GEMM
                 ("_grouped_rows_kernel", ("C_SCATTER", "A_DESC", "B_DESC=1")),  # dx GEMM
                 ("_grouped_rows_kernel", ("A_GATHER", "A_SCALE", "SWIGLU_BWD", "B_DESC=1")),
-                ("_grouped_rows_kernel", ("A_GATHER", "A_SCALE", "B_DESC=1"))]
+                ("_grouped_rows_kernel", ("A_GATHER", "A_SCALE", "B_DESC=1")),
+                # the weight gradients: w * h rows (d down_proj), d gu rows (d gate_up_proj)
+                ("_grouped_wgrad_kernel", ("A_GATHER", "B_DESC")), ("_grouped_wgrad_kernel", ("B_GATHER", "A_DESC"))]
 # With $MOON_FAST_MOE_PERSISTENT=1 too: the same launches, each a persistent loop over its tiles (16-bit on
 # Hopper only, where TMA is).
-PERSISTENT_VARIANTS = [(name, switches + ("PERSISTENT",)) for name, switches in TMA_VARIANTS]
+PERSISTENT_VARIANTS = [(name, switches + ("PERSISTENT",)) for name, switches in TMA_VARIANTS
+                       if name != "_grouped_wgrad_kernel"]
 # The small kernels around the GEMMs: routing (kernels/moe_routing.py), combine and its weight gradient
 # (kernels/moe_combine.py), the split SwiGLU backward (kernels/moe_swiglu.py). They have no tile table; each
 # must compile and spill nothing.
@@ -43,7 +46,7 @@ def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, triton_dir, tmp_path):
     for kern in kernels:
         flags = kern["flags"]
         switches = tuple(name for name, value in flags.items() if value is True and name != "PERSISTENT")
-        if flags.get("B_DESC"):
+        if flags.get("B_DESC") and flags["B_DESC"] is not True:  # the row-tile kernel's B layout, 1 or 2
             switches += (f"B_DESC={flags['B_DESC']}",)
         if flags.get("PERSISTENT"):
             switches += ("PERSISTENT",)
