@@ -346,7 +346,7 @@ def _swiglu_up_kernel(x_ptr, token_ptr, w_ptr, h_ptr, gu_ptr, bounds_ptr,
                       STORE_GU: tl.constexpr, W_DESC: tl.constexpr, PERSISTENT: tl.constexpr, BM: tl.constexpr,
                       BN: tl.constexpr, BK: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, COMPUTE: tl.constexpr,
                       PRECISION: tl.constexpr):
-    if PERSISTENT:  # see _persistent_tiles
+    if PERSISTENT:  # one program per SM looping over the tiles (see PERSISTENT_ENV)
         starts, ends, tiles, tile_end = _expert_tiles(bounds_ptr, E, BM, EP)
         n_cols = tl.cdiv(INTER, BN)
         for t in tl.range(tl.program_id(0), tl.sum(tiles, 0) * n_cols, tl.num_programs(0), flatten=True):
@@ -444,7 +444,7 @@ def _grouped_rows_kernel(a_ptr, a_idx_ptr, a_scale_ptr, b_ptr, c_ptr, c_idx_ptr,
                          SWIGLU_BWD: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
                          PERSISTENT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          E: tl.constexpr, EP: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    if PERSISTENT:  # see _persistent_tiles
+    if PERSISTENT:  # one program per SM looping over the tiles (see PERSISTENT_ENV)
         starts, ends, tiles, tile_end = _expert_tiles(bounds_ptr, E, BM, EP)
         n_cols = tl.cdiv(N, BN)
         for t in tl.range(tl.program_id(0), tl.sum(tiles, 0) * n_cols, tl.num_programs(0), flatten=True):
