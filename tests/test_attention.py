@@ -476,3 +476,11 @@ def test_unsupported_head_dim_for_triton_is_reported():
         flash_attention(q, k, v, backend="triton")
     # auto on the CPU takes the torch path, which has no head-dim limit.
     assert flash_attention(q, k, v).shape == q.shape
+
+
+@pytest.mark.parametrize("kwargs, match", [({"causal": "no"}, "causal must be True or False, got 'no'"),
+                                           ({"softmax_scale": "a"}, "softmax_scale must be a number, got 'a'")])
+def test_bad_flag_types(kwargs, match):
+    q, k, v = make_qkv((1, 8, 4, 16), (1, 8, 2, 16), torch.float32, requires_grad=False)
+    with pytest.raises(TypeError, match=match):
+        flash_attention(q, k, v, **kwargs)

@@ -179,7 +179,54 @@ def test_bench_interleave_cli(tmp_path, capsys):
     assert data["machine"]["torch"] and "| gemm | fp32 | n=64 | torch |" in (out / "interleaved.md").read_text()
     assert main(["bench", "--ops", "gemm", "--quick", "--label", "no such", "--interleave", "2",
                  "--output", str(out)]) == 2
-    assert "no case matches" in capsys.readouterr().err
+    assert "--label: no case of these ops has 'no such' here; there are: n=" in capsys.readouterr().err
+
+
+def test_bench_selection_typos_fail_before_anything_is_written(tmp_path, capsys):
+    """A --backends / --dtypes / --label value no case has (a typo) is an error that lists the values there
+    are, and the results of the run before in --output stay as they were (they used to be overwritten
+    with an empty table, exit code 0); so do a combination matching nothing and bad numbers."""
+    out = tmp_path / "b"
+    assert main(["bench", "--ops", "gemm", "--tiny", "--output", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for argv, message in ((["--backends", "refernce"], "--backends: no case of these ops has 'refernce' here; there "
+                                                       "are: torch"),
+                          (["--dtypes", "float32"], "--dtypes: no case of these ops has 'float32' here; there are: "),
+                          (["--label", "n=7"], "--label: no case of these ops has 'n=7' here"),
+                          (["--dtypes", "fp32", "--label", "no such"], "'no such'"),
+                          (["--repeats", "0"], "--repeats must be at least 1"),
+                          (["--timeout", "-5"], "--timeout must be a positive number"),
+                          (["--time-budget", "0"], "--time-budget must be a positive number"),
+                          (["--warmup", "-1"], "--warmup must be 0 or more")):
+        assert main(["bench", "--ops", "gemm", "--quick", "--output", str(out), *argv]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    (tmp_path / "afile").write_text("x")
+    assert main(["bench", "--ops", "gemm", "--tiny", "--output", str(tmp_path / "afile")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_bench_exits_1_when_every_case_failed(tmp_path, monkeypatch, capsys):
+    from dataclasses import asdict
+
+    from moon_fast.bench import runner
+    from moon_fast.bench.harness import Result
+
+    def failing(cases, **kw):
+        return [asdict(Result(op=c.op, backend=c.backend, dtype=c.dtype, label=c.label, params=c.params,
+                              mode="fwd+bwd", status="error: RuntimeError: boom")) for c in cases]
+
+    monkeypatch.setattr(runner, "run_cases", failing)
+    assert main(["bench", "--ops", "gemm", "--tiny", "--no-plots", "--output", str(tmp_path / "o")]) == 1
+    assert "cases failed" in capsys.readouterr().err
+
+
+def test_bench_report_rejects_what_is_not_a_results_file(tmp_path, capsys):
+    (tmp_path / "corrupt.json").write_text('{"machine": ')
+    (tmp_path / "eval.json").write_text(json.dumps({"t2i": {"recall@1": 0.5}}))
+    for name, message in (("corrupt.json", "is not valid JSON"), ("eval.json", "is not a results.json")):
+        assert main(["bench", "--report", str(tmp_path / name)]) == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])

@@ -427,3 +427,17 @@ def test_inside_autocast_computes_in_float32(backend):
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads, (q.grad, k.grad, scale.grad)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_float64_passes_triton_over(monkeypatch):
+    """The Triton kernels take fp32 / fp16 / bf16. float64 embeddings: ``auto`` passes triton over (on a GPU it
+    comes first; here the CPU order is made to start with it) and asking for it by name says why; before,
+    both raised a KeyError from inside the launcher."""
+    pytest.importorskip("triton")
+    monkeypatch.setitem(BACKENDS.auto_order, "cpu", ("triton", "torch"))
+    q, k, s = make_inputs(6, 6, 8, dtype=torch.float64)
+    want = contrastive_loss(q, k, s, backend="reference")
+    assert torch.allclose(contrastive_loss(q, k, s), want, rtol=1e-5)
+    with pytest.raises(BackendUnavailable, match="backend 'triton' takes float32, float16 or bfloat16 embeddings, "
+                                                 "not float64"):
+        contrastive_loss(q, k, s, backend="triton")

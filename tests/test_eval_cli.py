@@ -71,3 +71,38 @@ def test_eval_errors(run_dir, tmp_path, capsys):
     bad.write_text(json.dumps({"product_id": "x", "title": "t"}) + "\n")
     assert main(["eval", "--checkpoint", str(run), "--data", str(bad), "--output", str(tmp_path / "o.json")]) == 2
     assert "lacks image, category" in capsys.readouterr().err
+
+
+def test_eval_bad_options_fail_before_the_evaluation(run_dir, tmp_path, capsys):
+    """Bad numbers, output paths, devices and task lists are refused up front (an unwritable --output used to
+    fail only after the whole evaluation; --limit 0 evaluated everything, --limit -1 all but one)."""
+    run, _ = run_dir
+    for argv in (["--limit", "0"], ["--limit", "-1"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", "--checkpoint", str(run), *argv])
+        assert exc.value.code == 2
+        assert "must be at least 1" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    for argv, message in ((["--output", str(tmp_path)], "is a directory: give a file name"),
+                          (["--output", str(tmp_path / "afile" / "e.json")], "is a file, not a directory"),
+                          (["--device", "bogus"], "not a device"),
+                          (["--tasks", ","], "no task given"),
+                          (["--compare", str(run)], "give either --compare")):
+        assert main(["eval", "--checkpoint", str(run), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "evaluated" not in err, argv
+
+
+def test_eval_corrupt_files_are_named(run_dir, tmp_path, capsys):
+    """A corrupt checkpoint file or eval.json gets an error naming it, not a library's traceback."""
+    run, _ = run_dir
+    model = tmp_path / "model"
+    shutil.copytree(run / "final", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["eval", "--checkpoint", str(model), "--output", str(tmp_path / "e.json")]) == 2
+    assert f"{weights} cannot be read: the checkpoint is corrupt" in capsys.readouterr().err
+    for text, message in (('{"t2i": ', "is not valid JSON"), ("[1, 2]", "is not an eval result")):
+        (tmp_path / "bad.json").write_text(text)
+        assert main(["eval", "--compare", str(tmp_path / "bad.json")]) == 2
+        assert message in capsys.readouterr().err

@@ -270,6 +270,51 @@ def test_clear_errors_on_bad_checkpoints(tmp_path):
         MoonModel.from_pretrained(str(plain))
 
 
+def _corrupt_config_list(d):
+    (d / "config.json").write_text("[]")
+
+
+def _corrupt_moon_config_json(d):
+    (d / "moon_config.json").write_text("{'moe': 1}")
+
+
+def _corrupt_moon_config_list(d):
+    (d / "moon_config.json").write_text("[]")
+
+
+def _corrupt_weights(d):
+    (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:64])
+
+
+def _corrupt_shapes(d):  # weights of another size than config.json describes
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] = 2 * cfg["text_config"]["intermediate_size"]
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _corrupt_backend_name(d):
+    cfg = json.loads((d / "moon_config.json").read_text())
+    cfg["backends"]["moe"] = "tritn"
+    (d / "moon_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (_corrupt_config_list, r"config.json is not a JSON object \(it holds a list\)"),
+    (_corrupt_moon_config_json, r"moon_config.json cannot be read: the checkpoint is corrupt.*JSONDecodeError"),
+    (_corrupt_moon_config_list, r"moon_config.json is not a JSON object"),
+    (_corrupt_weights, r"model.safetensors cannot be read: the checkpoint is corrupt"),
+    (_corrupt_shapes, r"model.safetensors do not match the shapes config.json describes"),
+    (_corrupt_backend_name, r"backends.moe 'tritn' is not a moe_mlp backend; known: auto, reference"),
+])
+def test_corrupt_saved_model_files_are_named(tmp_path, corrupt, message):
+    """A damaged save gets a ValueError naming the file (a library's own error told neither which file nor
+    what to do; a typo'd backend used to fail only at the first forward pass)."""
+    MoonModel.from_preset("tiny").save_pretrained(str(tmp_path))
+    corrupt(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        MoonModel.from_pretrained(str(tmp_path))
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="top_k"):
         MoonModel.from_preset("tiny", moe={"restrict": "composition"})  # 4 experts / 3 groups < top_k 2

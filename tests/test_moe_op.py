@@ -913,6 +913,8 @@ def _good():
     (lambda a: (*a[:4], a[4][:, :, :5]), r"down_proj must be \(E, H, I\)"),
     (lambda a: (a[0], *a[1:3], a[3].half(), a[4]), r"gate_up_proj is torch.float16 but hidden is torch.float32"),
     (lambda a: (a[0][:4], *a[1:]), r"expert_idx must be \(T, k\)"),
+    (lambda a: (a[0].tolist(), *a[1:]), r"hidden must be a torch.Tensor, got list"),
+    (lambda a: (a[0], a[1], a[2].double(), *a[3:]), r"expert_weight must be float32, float16 or bfloat16 \(it is cast"),
 ])
 def test_bad_input_errors(mutate, match):
     args = mutate(_good())

@@ -85,6 +85,38 @@ def run_interleaved(args, cases, warmup: int, backends: list[str] | None) -> int
     return 0
 
 
+def check_numbers(args) -> str | None:
+    """The first bad numeric option as an error message, or None."""
+    if args.repeats is not None and args.repeats < 1:
+        return f"--repeats must be at least 1 (timed calls per mode), got {args.repeats}"
+    if args.warmup is not None and args.warmup < 0:
+        return f"--warmup must be 0 or more, got {args.warmup}"
+    if args.timeout <= 0:
+        return f"--timeout must be a positive number of seconds per case, got {args.timeout:g}"
+    if args.time_budget is not None and args.time_budget <= 0:
+        return f"--time-budget must be a positive number of seconds, got {args.time_budget:g}"
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        return f"--output {args.output} is a file, not a directory: give a directory for the results"
+    return None
+
+
+def check_selection(all_cases, backends, dtypes, labels) -> str | None:
+    """An error message for each --backends / --dtypes / --label value that no case of the chosen ops
+    has on this machine (a typo would otherwise select nothing, and a normal run would then overwrite the
+    results in --output with an empty table), listing the values there are; or None."""
+    problems = []
+    for flag, wanted, have in (("--backends", backends, {c.backend for c in all_cases}),
+                               ("--dtypes", dtypes, {c.dtype for c in all_cases}),
+                               ("--label", labels, {c.label for c in all_cases})):
+        unknown = [w for w in wanted or [] if w not in have]
+        if unknown:
+            choices = sorted(have)
+            shown = ", ".join(choices[:30]) + (f", ... ({len(choices)} in all)" if len(choices) > 30 else "")
+            problems.append(f"{flag}: no case of these ops has {', '.join(map(repr, unknown))} here; "
+                            f"there are: {shown or 'none'}")
+    return "\n".join(f"error: {p}" for p in problems) or None
+
+
 def argparse_suppress():
     import argparse
 
@@ -99,7 +131,11 @@ def run(args) -> int:
         if missing:
             print(f"error: --report: no such file: {', '.join(missing)} (run `moon-fast bench` first)", file=sys.stderr)
             return 2
-        print(report.render(args.report))
+        try:
+            print(report.render(args.report))
+        except ValueError as e:
+            print(f"error: --report: {e}", file=sys.stderr)
+            return 2
         return 0
 
     import torch
@@ -113,15 +149,28 @@ def run(args) -> int:
         print(f"error: --ops: unknown op(s) {', '.join(unknown)}; known: {', '.join(runner.OP_MODULES)}",
               file=sys.stderr)
         return 2
+    bad = check_numbers(args)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     gpu = torch.cuda.is_available()
     warmup = args.warmup if args.warmup is not None else (0 if args.tiny else (3 if gpu else 1))
     repeats = args.repeats if args.repeats is not None else (
         1 if args.tiny else (20 if gpu else (3 if args.quick else 10)))
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    all_cases, _ = runner.collect_cases(ops, quick=args.quick or args.tiny)
+    bad = check_selection(all_cases, split(args.backends), split(args.dtypes), args.label)
+    if bad:
+        print(bad, file=sys.stderr)
+        return 2
     cases, missing = runner.collect_cases(ops, quick=args.quick or args.tiny, tiny=args.tiny,
                                           backends=split(args.backends), dtypes=split(args.dtypes))
     if args.label:
         cases = [c for c in cases if c.label in args.label]
+    if not cases and not missing:
+        print("error: no case matches --ops/--backends/--dtypes/--label together (each matches some case; "
+              "their combination none)", file=sys.stderr)
+        return 2
     os.makedirs(args.output, exist_ok=True)
     if args.interleave is not None:
         return run_interleaved(args, cases, warmup, split(args.backends))
@@ -173,4 +222,7 @@ def run(args) -> int:
     print(runner.format_table(rows))
     print(f"\nwrote {args.output}/results.csv, results.json, report.md" +
           (f" and {len(plots)} plots" if plots else ""))
+    if done and all(r["status"].startswith("error") for r in done):
+        print(f"error: all {len(cases)} cases failed (see the status column)", file=sys.stderr)
+        return 1
     return 0

@@ -78,8 +78,12 @@ def run_data_dir(run: Path) -> Path | None:
         return None
     import yaml
 
-    with open(cfg_path) as f:
-        cfg = yaml.safe_load(f) or {}
+    try:
+        with open(cfg_path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{cfg_path} is not valid YAML ({str(e)[:300]}); pass --data to evaluate on a file "
+                         "instead of the run's own held-out set") from e
     data = cfg.get("data") if isinstance(cfg, dict) else None
     if not isinstance(data, dict):
         return None
@@ -191,10 +195,12 @@ def evaluate_checkpoint(checkpoint, data=None, output=None, batch_size: int = 64
     t0 = time.perf_counter()
     model_dir, run = resolve_checkpoint(checkpoint)
     data_file = Path(data) if data is not None else default_eval_data(model_dir, run)
-    if not data_file.exists():
+    if not data_file.is_file():
         raise FileNotFoundError(f"--data {data_file}: no such file (an MBE-format JSON or JSONL file)")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 record, got {limit}")
     records = load_records(data_file)
-    if limit:
+    if limit is not None:
         records = records[:limit]
     _check_records(records, data_file)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -256,8 +262,16 @@ def load_eval(path: str | os.PathLike) -> dict:
         p = p / "eval.json"
     if not p.exists():
         raise FileNotFoundError(f"{p}: no eval.json (run `moon-fast eval --checkpoint {path}` first)")
-    with open(p) as f:
-        return json.load(f)
+    try:
+        with open(p) as f:
+            results = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON ({e}); write it again with `moon-fast eval`") from e
+    if not (isinstance(results, dict) and all(isinstance(m, dict) and all(isinstance(v, (int, float))
+                                                                          for v in m.values())
+                                              for m in results.values())):
+        raise ValueError(f"{p} is not an eval result ({{task: {{metric: number}}}}, as `moon-fast eval` writes)")
+    return results
 
 
 def format_comparison(paths: list[str], metrics=("recall@1", "recall@10", "mrr", "accuracy", "f1")) -> str:

@@ -226,6 +226,19 @@ class BackendConfig:
     contrastive: str = "auto"
     attn_implementation: str = "moon_fast"
 
+    def validate(self) -> None:
+        """Each op backend named must be one its op knows (whether it runs here is decided per call), so a
+        typo fails when the config is loaded, not at the first forward pass."""
+        from moon_fast.ops import attention, contrastive, moe
+
+        attention._import_backends()
+        for field_name, registry in (("moe", moe.BACKENDS), ("attention", attention.BACKENDS),
+                                     ("contrastive", contrastive.BACKENDS)):
+            name = getattr(self, field_name)
+            if name != "auto" and name not in registry.backends:
+                raise ValueError(f"backends.{field_name} {name!r} is not a {registry.op} backend; known: auto, "
+                                 f"{', '.join(registry.backends)}")
+
 
 @dataclass
 class MoonConfig:
@@ -244,6 +257,7 @@ class MoonConfig:
         self.moe.validate()
         self.loss.validate()
         self.embedding.validate()
+        self.backends.validate()
         if self.backbone is not None and self.moe.enabled and self.moe.layers is not None:
             n = _num_layers(self.backbone)
             bad = [i for i in self.moe.layers if not -n <= i < n]
@@ -280,7 +294,10 @@ class MoonConfig:
     @classmethod
     def load(cls, path: str, backbone: Any = None) -> MoonConfig:
         with open(path) as f:
-            return cls.from_dict(json.load(f), backbone=backbone)
+            raw = json.load(f)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} is not a JSON object (it holds a {type(raw).__name__})")
+        return cls.from_dict(raw, backbone=backbone)
 
 
 _SECTIONS = {"moe": MoEConfig, "loss": LossConfig, "embedding": EmbeddingConfig, "backends": BackendConfig}

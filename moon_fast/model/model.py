@@ -139,11 +139,15 @@ class MoonModel(nn.Module):
             raise ValueError(f"{path} is a {model_type} checkpoint but not a MoonModel save (no {MOON_CONFIG_FILE}); "
                              "load a plain backbone checkpoint with MoonModel.from_backbone_checkpoint(path)")
         config_cls, model_cls = backbone_classes(model_type)
-        bb_cfg = config_cls.from_pretrained(path, local_files_only=True)
-        cfg = MoonConfig.load(moon_cfg_path, backbone=bb_cfg)
+        with _unreadable(path, "config.json"):
+            bb_cfg = config_cls.from_pretrained(path, local_files_only=True)
+        with _unreadable(path, MOON_CONFIG_FILE):
+            cfg = MoonConfig.load(moon_cfg_path, backbone=bb_cfg)
         apply_overrides(cfg, overrides)
-        state = _load_weights(path, load_file)
-        heads = load_file(os.path.join(path, HEADS_FILE)) if os.path.isfile(os.path.join(path, HEADS_FILE)) else {}
+        with _unreadable(path, WEIGHTS_FILE):
+            state = _load_weights(path, load_file)
+        with _unreadable(path, HEADS_FILE):
+            heads = load_file(os.path.join(path, HEADS_FILE)) if os.path.isfile(os.path.join(path, HEADS_FILE)) else {}
         if dtype is None:
             dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
         elif isinstance(dtype, str):
@@ -152,7 +156,8 @@ class MoonModel(nn.Module):
             backbone = model_cls(bb_cfg)
             model = cls(backbone, cfg, upcycle=False)
         model.to(dtype=dtype)
-        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+        with _unreadable(path, WEIGHTS_FILE, "do not match the shapes config.json describes"):
+            missing, unexpected = model.backbone.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match the model described by its config "
                              f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
@@ -160,7 +165,8 @@ class MoonModel(nn.Module):
         own = {k for k in model.state_dict() if not k.startswith("backbone.")}
         if set(heads) != own:
             raise ValueError(f"{path}: {HEADS_FILE} holds {sorted(heads)} but the model expects {sorted(own)}")
-        model.load_state_dict(heads, strict=False)
+        with _unreadable(path, HEADS_FILE, "do not match the shapes config.json describes"):
+            model.load_state_dict(heads, strict=False)
         model.source_dir = os.path.abspath(path)
         if device is not None:
             model.to(device)
@@ -503,11 +509,27 @@ def _check_checkpoint_dir(path: str) -> str:
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path} is not a JSON object (it holds a {type(raw).__name__})")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{path} is not a Qwen2-VL / Qwen2.5-VL checkpoint: config.json has model_type {model_type!r} "
                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     return model_type
+
+
+@contextlib.contextmanager
+def _unreadable(path: str, name: str, what: str = "cannot be read"):
+    """Turns a library's error while reading checkpoint file ``name`` (a truncated safetensors header, a
+    config that is not the JSON object it should be, tensors of the wrong shape) into a ValueError that
+    names the file. Our own clear errors (ValueError, FileNotFoundError) pass through unchanged."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  safetensors, transformers, json and torch raise many types here
+        if isinstance(e, (ValueError, FileNotFoundError)) and not isinstance(e, json.JSONDecodeError):
+            raise
+        raise ValueError(f"{os.path.join(path, name)} {what}: the checkpoint is corrupt or was written by an "
+                         f"incompatible version ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
 
 
 def _load_weights(path: str, load_file) -> dict[str, torch.Tensor]:

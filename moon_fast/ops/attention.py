@@ -130,7 +130,12 @@ def _validate(q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_se
                          f"key/value heads ({hk}) for grouped-query attention")
     if d == 0:
         raise ValueError("flash_attention: head dim is 0")
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    if not isinstance(causal, (bool, int)):  # a string such as "no" would otherwise count as True
+        raise TypeError(f"flash_attention: causal must be True or False, got {causal!r}")
+    try:
+        scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    except (TypeError, ValueError):
+        raise TypeError(f"flash_attention: softmax_scale must be a number, got {softmax_scale!r}") from None
     if not math.isfinite(scale):
         raise ValueError(f"flash_attention: softmax_scale must be finite, got {softmax_scale}")
 

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 import torch
 
 from moon_fast.backends import (
+    BackendUnavailable,
     cuda_emu_unavailable,
     cuda_ext_unavailable,
     float32_under_autocast,
@@ -203,7 +204,14 @@ def _scalar(out: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def _run(problem: Problem, backend: str, chunk_size: int | None) -> torch.Tensor:
-    impl = BACKENDS.resolve(backend, problem.rows.device)
+    dev = problem.rows.device
+    order = None
+    if problem.rows.dtype == torch.float64:  # the Triton kernels take fp32 / fp16 / bf16: auto passes them over
+        order = [n for n in BACKENDS.auto_order.get(dev.type, ("torch",)) if n != "triton"]
+    impl = BACKENDS.resolve(backend, dev, order=order)
+    if impl.name == "triton" and problem.rows.dtype == torch.float64:
+        raise BackendUnavailable("contrastive_loss: backend 'triton' takes float32, float16 or bfloat16 embeddings, "
+                                 "not float64: cast them with .float(), or use backend='torch'")
     return impl.fn(problem, chunk_size)
 
 

@@ -90,7 +90,8 @@ def _check_inputs(hidden, expert_idx, expert_weight, gate_up_proj, down_proj) ->
         raise ValueError(f"moe_mlp: expert_weight must have the shape of expert_idx {shape(expert_idx)}, "
                          f"got {shape(expert_weight)}")
     if expert_weight.dtype not in _FLOATS:
-        raise TypeError(f"moe_mlp: expert_weight must be a floating tensor, got {expert_weight.dtype}")
+        raise TypeError(f"moe_mlp: expert_weight must be float32, float16 or bfloat16 (it is cast to hidden's "
+                        f"dtype), got {expert_weight.dtype}")
     if gate_up_proj.dim() != 3 or gate_up_proj.shape[2] != hdim or gate_up_proj.shape[1] % 2 \
             or gate_up_proj.shape[1] == 0:
         raise ValueError(f"moe_mlp: gate_up_proj must be (E, 2I, H) = (E, 2I, {hdim}) with the gate rows first, "
@@ -135,6 +136,8 @@ def moe_mlp(hidden, expert_idx, expert_weight, gate_up_proj, down_proj, *, backe
     (cast to hidden's dtype); gate_up_proj (E, 2I, H), gate rows first; down_proj (E, H, I); all on one
     device, weights in hidden's dtype. Returns (T, H) in hidden's dtype. ``backend``: "auto",
     "reference", "torch", "cpu", "grouped_mm", "triton", "cuda", "cuda_emu"."""
+    if not isinstance(hidden, torch.Tensor):  # before autocast_inputs reads its device
+        raise TypeError(f"moe_mlp: hidden must be a torch.Tensor, got {type(hidden).__name__}")
     # Inside torch.autocast the op behaves like a matmul: everything in the autocast dtype.
     hidden, expert_weight, gate_up_proj, down_proj = autocast_inputs(
         hidden.device, hidden, expert_weight, gate_up_proj, down_proj, policy="lower_precision")
