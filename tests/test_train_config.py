@@ -32,6 +32,11 @@ def test_presets_load_and_overrides_apply():
     ("model.pretrained=/no/such/dir", "checkpoint directory does not exist"),
     ("data.path=/no/such/dir", "does not exist"),
     ("train.global_batch=9", None),  # fine alone; divisibility is checked against the world size below
+    ("optim.lr=nan", r"optim.lr=nan: must be a finite number > 0"),
+    ("optim.lr=.inf", r"optim.lr=inf: must be a finite number > 0"),
+    ("optim.eps=-1", r"optim.eps=-1.0: must be a finite number > 0"),
+    ("optim.beta1=5", r"optim.beta1=5.0: must be in \[0, 1\)"),
+    ("optim.grad_clip=nan", "a finite grad_clip >= 0"),
 ])
 def test_bad_values_raise_naming_the_key(override, message):
     if message is None:
@@ -41,6 +46,13 @@ def test_bad_values_raise_naming_the_key(override, message):
         return
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", [override])
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: [1\n")
+    with pytest.raises(ConfigError, match=f"{bad} is not valid YAML"):
+        load_config(str(bad))
 
 
 def test_cli_errors_before_work(tmp_path, capsys):
@@ -57,7 +69,7 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, monkeypatch):
     from moon_fast.train import trainer
 
     monkeypatch.setattr(trainer, "setup", lambda *a, **k: _Info())
-    monkeypatch.setattr(trainer, "teardown", lambda info: None)
+    monkeypatch.setattr(trainer, "teardown", lambda info, failed=False: None)
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         trainer.train(load_config("ci"), tmp_path / "empty", resume=True)
 

@@ -48,7 +48,7 @@ def data(tmp_path_factory):
 
 
 def _train(out: Path, data: Path, env: dict, *extra: str, nproc: int = 1, crash: str | None = None,
-           resume: bool = False) -> subprocess.CompletedProcess:
+           resume: bool = False, fail: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     args = ["train", "--config", "ci", "--data", str(data), "--output", str(out)]
     if resume:
         args.append("--resume")
@@ -60,7 +60,9 @@ def _train(out: Path, data: Path, env: dict, *extra: str, nproc: int = 1, crash:
     e = dict(env)
     if crash:
         e["MOON_FAST_CRASH"] = crash
-    return subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if fail:
+        e["MOON_FAST_RAISE"] = fail
+    return subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -121,3 +123,13 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, data, env, reference):
         assert res[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, res)
     assert sorted(x.name for x in (out / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
+
+
+def test_one_failing_rank_ends_the_run(tmp_path, data, env):
+    """Rank 1 raises after step 1 while rank 0 goes on into step 2's collectives. The run must end with
+    rank 1's error shown; it used to hang for good (rank 1 waited in a barrier on its way out, rank 0 in an
+    all-reduce). subprocess.run's timeout turns a hang into a failure here."""
+    p = _train(tmp_path / "run", data, env, "distributed.zero_stage=2", nproc=2, fail="step:1:1",
+               timeout=300)
+    assert p.returncode != 0
+    assert "MOON_FAST_RAISE: rank 1 fails at step of step 1" in p.stdout + p.stderr

@@ -30,7 +30,14 @@ def run(args) -> int:
     out = Path(args.output) if args.output else cache_dir() / "demo-run"
     if not args.output and out.exists():
         shutil.rmtree(out)
-    summary = train(cfg, out)
+    from moon_fast.data.catalog import TooManyBadRecords
+    from moon_fast.train.trainer import Diverged
+
+    try:
+        summary = train(cfg, out)
+    except (ConfigError, TooManyBadRecords, Diverged) as e:  # as `moon-fast train` reports them
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_demo(summary, out))
     return 0
 

@@ -66,11 +66,11 @@ def run(args) -> int:
     if args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         return _spawn(args, output)
     from moon_fast.data.catalog import TooManyBadRecords
-    from moon_fast.train.trainer import train
+    from moon_fast.train.trainer import Diverged, train
 
     try:
         summary = train(cfg, output, resume=args.resume)
-    except (ConfigError, TooManyBadRecords) as e:
+    except (ConfigError, TooManyBadRecords, Diverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

@@ -96,8 +96,12 @@ def _cuda_emu(p: Problem, chunk_size: int | None = None) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- validation
 
-def _fail(name: str, msg: str):
-    raise ValueError(f"contrastive_loss: {name} {msg}")
+class NonFiniteInput(ValueError):
+    """An input of the loss holds NaN or inf (in training: usually a diverged model)."""
+
+
+def _fail(name: str, msg: str, error=ValueError):
+    raise error(f"contrastive_loss: {name} {msg}")
 
 
 def _check_embeddings(name: str, x, device=None, dtype=None, dim=None) -> None:
@@ -118,7 +122,8 @@ def _check_embeddings(name: str, x, device=None, dtype=None, dim=None) -> None:
     if dtype is not None and x.dtype != dtype:
         _fail(name, f"has dtype {x.dtype} but key has {dtype}: cast the embeddings to one dtype")
     if not bool(torch.isfinite(x).all()):
-        _fail(name, "contains NaN or inf: check the encoder output (and its normalisation) before the loss")
+        _fail(name, "contains NaN or inf: check the encoder output (and its normalisation) before the loss",
+              NonFiniteInput)
 
 
 def _check_scale(logit_scale, device) -> torch.Tensor:

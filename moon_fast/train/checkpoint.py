@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import ConfigError
 from .distributed import barrier
 
 COMPLETE = "COMPLETE"
@@ -67,11 +68,15 @@ def _fsync_write(path: Path, text: str) -> None:
 
 
 def _crash_point(name: str, step: int) -> None:
-    """Test hook: MOON_FAST_CRASH=<name>:<step> kills this process (SIGKILL) at that point."""
+    """Test hooks: MOON_FAST_CRASH=<name>:<step> kills this process (SIGKILL) at that point;
+    MOON_FAST_RAISE=<name>:<step>:<rank> raises an exception there on that rank only (the others go on)."""
     want = os.environ.get("MOON_FAST_CRASH", "")
     if want == f"{name}:{step}":
         print(f"MOON_FAST_CRASH: killing the process at {name} of step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get("MOON_FAST_RAISE", "") == f"{name}:{step}:{rank}":
+        raise RuntimeError(f"MOON_FAST_RAISE: rank {rank} fails at {name} of step {step}")
 
 
 def save_checkpoint(run_dir: Path, step: int, engine, rank: int, world: int, rank_state: dict, meta: dict,
@@ -107,17 +112,36 @@ def save_checkpoint(run_dir: Path, step: int, engine, rank: int, world: int, ran
     return final
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from: damaged, or written by another engine."""
+
+
+def _damaged(path: Path, e: Exception) -> CheckpointError:
+    older = [p for p in list_checkpoints(path.parent.parent) if p != path]
+    fallback = (f"remove it (rm -r {path}) to resume from {older[-1]}" if older
+                else "there is no older complete checkpoint: start the run again without --resume")
+    return CheckpointError(f"--resume: {path} cannot be loaded, it is damaged ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:300]}); {fallback}")
+
+
 def load_checkpoint(path: Path, engine, rank: int, world: int) -> dict:
-    """Restores the engine and returns this rank's saved state (RNG restored here)."""
-    meta = json.loads((path / "meta.json").read_text())
+    """Restores the engine and returns this rank's saved state (RNG restored here). CheckpointError, naming
+    the checkpoint and the older one to fall back on, if it cannot be read."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise _damaged(path, e) from e
     if meta.get("engine") != engine.name:
-        raise ValueError(f"{path} was written by the {meta.get('engine')} engine, this run uses {engine.name}: "
-                         f"set distributed.engine={meta.get('engine')}")
-    engine.load(path)
+        raise CheckpointError(f"{path} was written by the {meta.get('engine')} engine, this run uses {engine.name}: "
+                              f"set distributed.engine={meta.get('engine')}")
     f = path / f"rank_{rank:05d}.pt"
     if not f.exists():
         f = path / "rank_00000.pt"  # a different world size: data position is global in memory mode
-    state = torch.load(f, map_location="cpu", weights_only=False)
+    try:
+        engine.load(path)
+        state = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001  torch, DeepSpeed and pickle raise many types for a damaged file
+        raise _damaged(path, e) from e
     if meta.get("world_size") == world:
         set_rng_state(state["rng"])
     state["meta"] = meta

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,8 +226,11 @@ def load_config(name_or_path: str | None = "tiny", overrides: list[str] | dict |
     cfg = Config()
     if name_or_path:
         path = resolve_config_path(name_or_path)
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections")
         base = data.pop("base", None)
@@ -266,10 +270,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints}: must be >= 1")
     if t.profile_steps and (len(t.profile_steps) != 2 or t.profile_steps[0] > t.profile_steps[1]):
         raise ConfigError(f"train.profile_steps={t.profile_steps}: expected [first, last]")
-    if o.lr <= 0:
-        raise ConfigError(f"optim.lr={o.lr}: must be > 0")
-    if o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1 or o.grad_clip < 0:
-        raise ConfigError("optim: warmup_steps >= 0, 0 <= min_lr_ratio <= 1 and grad_clip >= 0 are required")
+    if not (math.isfinite(o.lr) and o.lr > 0):  # "not >" so that NaN fails too
+        raise ConfigError(f"optim.lr={o.lr}: must be a finite number > 0")
+    if not (math.isfinite(o.eps) and o.eps > 0):
+        raise ConfigError(f"optim.eps={o.eps}: must be a finite number > 0")
+    for k in ("beta1", "beta2"):
+        if not 0 <= getattr(o, k) < 1:
+            raise ConfigError(f"optim.{k}={getattr(o, k)}: must be in [0, 1)")
+    if o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1 or not (math.isfinite(o.grad_clip) and o.grad_clip >= 0):
+        raise ConfigError("optim: warmup_steps >= 0, 0 <= min_lr_ratio <= 1 and a finite grad_clip >= 0 are required")
     if cfg.data.mode not in ("memory", "stream"):
         raise ConfigError(f"data.mode={cfg.data.mode!r}: expected memory or stream")
     if not 0 <= cfg.data.max_bad_fraction <= 1:

@@ -60,9 +60,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def teardown(info: DistInfo) -> None:
-    """barrier + destroy: without it rank 0 sometimes aborts at exit (ENVIRONMENT.md)."""
-    if info.initialized_here and dist.is_initialized():
+def teardown(info: DistInfo, failed: bool = False) -> None:
+    """barrier + destroy: without it rank 0 sometimes aborts at exit (ENVIRONMENT.md). ``failed``: this rank
+    is leaving on an exception: no barrier, which the other ranks may never reach (they can be waiting in a
+    collective this rank left); the launcher stops them when this process exits with the error."""
+    if info.initialized_here and dist.is_initialized() and not failed:
         dist.barrier()
         dist.destroy_process_group()
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import _crash_point, latest_checkpoint, load_checkpoint, save_checkpoint
+from moon_fast.ops.contrastive import NonFiniteInput
+
+from .checkpoint import _crash_point, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, micro_batch, save_config, validate
 from .distributed import all_reduce_mean, all_reduce_sum, barrier, setup, teardown, union_keys
 from .engine import deepspeed_available, make_engine
@@ -104,9 +106,12 @@ def train(cfg: Config, output: str | os.PathLike, resume: bool = False) -> dict:
     cfg.distributed.engine = engine_kind
     info = setup(cfg.distributed.backend, need_group=engine_kind == "deepspeed")
     try:
-        return _train(cfg, Path(output), resume, info)
-    finally:
-        teardown(info)
+        summary = _train(cfg, Path(output), resume, info)
+    except BaseException:
+        teardown(info, failed=True)  # a barrier here hung every rank of a run where one rank failed
+        raise
+    teardown(info)
+    return summary
 
 
 def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
@@ -114,12 +119,17 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
     engine_kind = cfg.distributed.engine
     t_start = time.perf_counter()
     ckpt = None
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out} is a file: give a directory for the run")
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
-            raise ConfigError(f"--resume: no complete checkpoint in {out / 'checkpoints'} (missing checkpoint "
-                              f"directory); start without --resume")
-    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+            interrupted = sorted(p.name for p in (out / "checkpoints").glob(".tmp-*"))
+            why = (f"only the interrupted save {', '.join(interrupted)}" if interrupted
+                   else "missing checkpoint directory" if not (out / "checkpoints").is_dir() else "none complete")
+            raise ConfigError(f"--resume: no complete checkpoint in {out / 'checkpoints'} ({why}); start without "
+                              f"--resume to train this run from the beginning")
+    elif list_checkpoints(out):  # complete ones; an interrupted first save (.tmp-) does not count
         raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue it, or choose another --output")
     gpu = info.device.type == "cuda"
     dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "fp32": torch.float32,
@@ -138,7 +148,10 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    model = build_model(cfg)
+    try:
+        model = build_model(cfg)
+    except ValueError as e:  # the model's own checks (options, a damaged checkpoint): a config problem here
+        raise ConfigError(f"model: {e}") from e
     tokenizer = build_tokenizer(cfg, data_dir)
     vs = _vocab_size(model)
     if vs is not None and tokenizer.vocab_size > vs:
@@ -165,8 +178,12 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
     start = 0
     if ckpt is not None:
         state = load_checkpoint(ckpt, engine, info.rank, info.world)
-        loader.load_state_dict(state["data"])
         start = state["meta"]["step"]
+        check_resume(ckpt, state["meta"], cfg)
+        try:
+            loader.load_state_dict(state["data"])
+        except ValueError as e:  # another data mode or catalog than the checkpoint's (the loader says which)
+            raise ConfigError(f"--resume from {ckpt}: {e}") from e
         _say(info, f"resumed from {ckpt} at step {start}")
     loader = Prefetcher(loader, enabled=cfg.data.prefetch)
     max_steps = cfg.train.max_steps
@@ -201,7 +218,14 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
             batch = batch.to(info.device, dtype=dtype)
             data_s += time.perf_counter() - td
             with (torch.profiler.record_function("forward") if prof else contextlib.nullcontext()):
-                res = engine.forward(batch, step / max_steps, gather)
+                try:
+                    res = engine.forward(batch, step / max_steps, gather)
+                except NonFiniteInput as e:
+                    done = list_checkpoints(out)
+                    raise Diverged(f"training diverged at step {step + 1}: the embeddings are no longer finite "
+                                   f"({e}). Lower optim.lr (now {cfg.optim.lr:g}) or set optim.grad_clip (now "
+                                   f"{cfg.optim.grad_clip:g}); the last complete checkpoint is "
+                                   f"{done[-1] if done else 'none'}") from e
             engine.backward(res.loss)
             win.add(float(res.loss.detach()), res.metrics)
         lr = engine.lr()  # the rate this step used (the scheduler moves on in step())
@@ -256,12 +280,32 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
         if heldout.exists():
             from moon_fast.eval import evaluate_checkpoint
 
-            summary["eval"] = evaluate_checkpoint(str(out), data=str(heldout), output=str(out / "eval.json"),
-                                                  batch_size=cfg.train.eval_batch_size)
+            try:
+                summary["eval"] = evaluate_checkpoint(str(out), data=str(heldout), output=str(out / "eval.json"),
+                                                      batch_size=cfg.train.eval_batch_size)
+            except Exception as e:  # noqa: BLE001  the trained model is saved: keep the run, report the eval
+                summary["eval_error"] = f"{type(e).__name__}: {e}"
+                _say(info, f"the held-out evaluation failed ({summary['eval_error'][:500]}); the model is saved in "
+                           f"{final}: evaluate it with `moon-fast eval --checkpoint {out}` once {heldout} is fixed")
         else:
             _say(info, f"no {heldout}: skipping the zero-shot evaluation")
     barrier()
     return summary
+
+
+class Diverged(RuntimeError):
+    """The loss's inputs stopped being finite during training (a learning rate too high, no clipping)."""
+
+
+def check_resume(ckpt: Path, meta: dict, cfg: Config) -> None:
+    """A resume must be able to continue exactly: the same global batch (the data position counts
+    triplets), and steps left to train."""
+    if meta.get("global_batch") not in (None, cfg.train.global_batch):
+        raise ConfigError(f"--resume: {ckpt} was trained with train.global_batch={meta['global_batch']}, this run "
+                          f"asks for {cfg.train.global_batch}; an exact resume needs the same global batch")
+    if meta["step"] >= cfg.train.max_steps:
+        raise ConfigError(f"--resume: {ckpt} is at step {meta['step']}, and train.max_steps={cfg.train.max_steps} "
+                          f"leaves nothing to train: raise train.max_steps (or --max-steps)")
 
 
 class _Window:
