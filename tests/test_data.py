@@ -12,6 +12,7 @@ import torch
 
 from moon_fast.data import (
     BadRecordCounter,
+    BadRecordError,
     Catalog,
     ImageCache,
     SampleBuilder,
@@ -274,3 +275,157 @@ def test_prefetcher_position_is_that_of_consumed_batches(catalog_dir, processor)
             assert pre.state_dict()["pos"] == plain.state_dict()["pos"]  # the prefetched batch is not counted
     finally:
         pre.close()
+
+
+# ---- bad input: each case fails with a message naming the file / record and what to do ----
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+@pytest.mark.timeout(30)  # the bug this guards against was an endless loop
+def test_stream_mode_empty_shards_raise(tmp_path, catalog_dir, processor):
+    d = _copy(catalog_dir, tmp_path / "empty")
+    (d / "triplets.jsonl").unlink()
+    (d / "triplets").mkdir()
+    (d / "triplets" / "part-000.jsonl").write_text("")
+    (d / "triplets" / "part-001.jsonl").write_text("\n   \n\n")
+    cat = Catalog(d)
+    for world in (1, 2, 3):  # whole shards per rank (1, 2) or strided rows (3)
+        loader = TripletLoader(d, cat, _builder(d, processor), micro_batch=2, world=world, mode="stream")
+        with pytest.raises(ValueError, match=r"no usable triplets in .*triplets/ shards.*data check"):
+            loader.next()
+
+
+def test_undecodable_lines_and_bad_attributes_are_bad_records(tmp_path, catalog_dir, caplog):
+    d = _copy(catalog_dir, tmp_path / "enc")
+    lines = (d / "products.jsonl").read_bytes().split(b"\n")
+    lines[1] = lines[1].replace(b'"title": "', b'"title": "\xff', 1)   # not UTF-8
+    rec = json.loads(lines[2])
+    rec["attributes"] = [1, 2]                                          # not name: value
+    lines[2] = json.dumps(rec).encode()
+    (d / "products.jsonl").write_bytes(b"\n".join(lines))
+    counter = BadRecordCounter(max_fraction=1.0)
+    with caplog.at_level(logging.WARNING, logger="moon_fast.data"):
+        cat = Catalog(d, bad=counter)
+    assert len(cat) == 38 and counter.bad == 2
+    assert "products.jsonl:2: not valid UTF-8" in caplog.text
+    assert "products.jsonl:3 (product" in caplog.text and "'attributes' should be an object" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "pages"])
+def test_unreadable_parquet_names_the_file(tmp_path, catalog_dir, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = _copy(catalog_dir, tmp_path / "pq")
+    f = d / "products.parquet"
+    pq.write_table(pa.Table.from_pylist(_lines(d / "products.jsonl")), f)
+    (d / "products.jsonl").unlink()
+    assert len(Catalog(d)) == 40
+    data = f.read_bytes()
+    f.write_bytes({"garbage": b"not parquet" * 10, "truncated": data[: len(data) // 2],
+                   "pages": data[:4] + b"\xff" * 400 + data[404:]}[damage])  # footer intact, pages not
+    with pytest.raises(ValueError, match=r"products\.parquet: not a readable Parquet file"):
+        Catalog(d)
+
+
+def test_data_check_reads_heldout(tmp_path, catalog_dir, capsys):
+    from moon_fast.cli import main
+
+    d = _copy(catalog_dir, tmp_path / "held")
+    assert main(["data", "check", str(d)]) == 0
+    held = (d / "heldout.jsonl").read_text().splitlines()
+    rec = json.loads(held[0])
+    rec["image"] = "images/nope.png"
+    (d / "heldout.jsonl").write_text("\n".join([json.dumps(rec), "{not json"] + held[1:]) + "\n")
+    capsys.readouterr()
+    assert main(["data", "check", str(d)]) == 1
+    out = capsys.readouterr().out
+    assert f"{len(held) - 1} good held-out records; 2 bad" in out
+    assert "missing image: 1 (e.g. " in out and "heldout.jsonl:1 (product" in out
+    assert "malformed JSON: 1 (e.g. " in out and "heldout.jsonl:2" in out
+
+
+def test_bad_record_summary_groups_by_cause(tmp_path, catalog_dir, processor, capsys):
+    from moon_fast.cli import main
+
+    d = _copy(catalog_dir, tmp_path / "corrupt")
+    train = [p for p in _lines(d / "products.jsonl") if p["split"] == "train"]
+    for p in train[:3]:
+        (d / p["images"][0]).write_bytes(b"not a png")
+    counter = BadRecordCounter(max_fraction=0.01, grace=20)
+    loader = TripletLoader(d, Catalog(d, bad=counter), _builder(d, processor), micro_batch=8, bad=counter)
+    with pytest.raises(TooManyBadRecords, match=r"reasons: corrupt image: \d+ \(e\.g\. \S+triplets\.jsonl:\d+"):
+        for _ in range(100):
+            loader.next()
+    assert list(counter.reasons) == ["corrupt image"]
+    # `data check` groups too: one entry per cause, a few examples each (not one per product).
+    assert main(["data", "check", str(d)]) == 1
+    out = capsys.readouterr().out
+    assert "checked; corrupt image: " in out and out.count("(e.g. ") == 1
+    c = BadRecordCounter(max_fraction=1.0)
+    for i in range(1000):
+        c.skip(BadRecordError(f"products.jsonl:{i + 1} (product p{i}): corrupt image", cause="corrupt image"))
+    examples = [f"products.jsonl:{i + 1} (product p{i})" for i in range(3)]
+    assert c.reasons == {"corrupt image": {"count": 1000, "examples": examples}}
+    assert len(c.summary()) < 200
+
+
+def test_synth_refuses_degenerate_settings(tmp_path, capsys):
+    from moon_fast.cli import main
+
+    for kw, msg in [({"triplets_per_product": 0}, "at least 1 triplet"),
+                    ({"triplets_per_product": -2}, "at least 1 triplet"),
+                    ({"heldout": 0.96}, "leaves 0 of 10 products for training"),
+                    ({"heldout": 0.9}, "leaves 1 of 10 products for training; need at least 2"),
+                    ({"mix": (1, float("nan"), 1)}, "finite, non-negative")]:
+        with pytest.raises(ValueError, match=msg):
+            synthesize(tmp_path / "x", products=10, workers=1, verbose=False, **kw)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"file is a file, not a directory"):
+        synthesize(tmp_path / "file" / "x", products=10, workers=1, verbose=False)
+    assert main(["data", "synth", "--output", str(tmp_path / "m"), "--mix", "a:b:c"]) == 2
+    assert "--mix 'a:b:c': expected three numbers" in capsys.readouterr().err
+    # Small catalogs: a triplet's negative is never its positive (it was, through the fallbacks).
+    for seed in range(4):
+        out = synthesize(tmp_path / f"s{seed}", products=10, heldout=0.5, seed=seed, workers=1, verbose=False)
+        trip = _lines(out / "triplets.jsonl")
+        assert trip and all(t["positive_id"] != t["negative_id"] for t in trip)
+
+
+def test_augment_bad_input(tmp_path, catalog_dir, caplog):
+    from moon_fast.data.augment import augment_catalog
+
+    for kw, msg in [({"views": -1}, "views=-1"), ({"max_drop": float("nan")}, "max_drop=nan"),
+                    ({"min_similarity": float("nan")}, "min_similarity=nan")]:
+        with pytest.raises(ValueError, match=msg):
+            augment_catalog(str(catalog_dir), str(tmp_path / "x"), verbose=False, **kw)
+    # A corrupt main image: that product is skipped (counted, reported), the others are augmented.
+    d = _copy(catalog_dir, tmp_path / "img")
+    train = [p for p in _lines(d / "products.jsonl") if p["split"] == "train"]
+    (d / train[0]["images"][0]).write_bytes(b"not a png")
+    with caplog.at_level(logging.WARNING, logger="moon_fast.data"):
+        report = augment_catalog(str(d), str(tmp_path / "img_aug"), verbose=False)
+    assert report["products"] == len(train) - 1
+    assert report["bad_records"]["reasons"]["corrupt image"]["count"] == 1
+    assert f"(product {train[0]['product_id']}): corrupt image" in caplog.text
+    # A truncated products file: triplets naming the products it lost are dropped, not copied.
+    d = _copy(catalog_dir, tmp_path / "cut")
+    lines = (d / "products.jsonl").read_text().splitlines()
+    (d / "products.jsonl").write_text("\n".join(lines[:30]) + "\n" + lines[30][:40])
+    out = tmp_path / "cut_aug"
+    report = augment_catalog(str(d), str(out), verbose=False, max_bad_fraction=1.0)
+    kept = {p["product_id"] for p in _lines(out / "products.jsonl")}
+    assert len(kept) == 30 and report["bad_records"]["reasons"]["unknown product"]["count"] > 0
+    for t in _lines(out / "triplets.jsonl"):
+        assert t["positive_id"] in kept and t["negative_id"] in kept
+    with pytest.raises(TooManyBadRecords, match="--max-bad-fraction"):  # by default, that many stops it
+        augment_catalog(str(d), str(tmp_path / "cut_aug2"), verbose=False)

@@ -92,6 +92,14 @@ def test_a_failing_held_out_evaluation_keeps_the_run(run, tmp_path, monkeypatch)
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
+def test_data_errors_are_reported_not_raised_raw(run, tmp_path):
+    """The data layer's errors (here: a catalog directory with nothing in it) reach `moon-fast train` as
+    ConfigError, which it prints as one line (they used to be tracebacks)."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="data: no products manifest in .*empty"):
+        run(f"data.path={tmp_path / 'empty'}")
+
+
 def test_a_failing_rank_leaves_without_the_barrier(monkeypatch):
     """teardown(failed=True) must not wait in a barrier the other ranks may never reach; train() passes it
     when _train raises."""

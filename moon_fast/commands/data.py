@@ -2,7 +2,7 @@
 
     moon-fast data synth --output DIR --products 1000 --seed 0
     moon-fast data augment --input DIR --output DIR2 [--views 1] [--text-model LM_DIR] [--model RUN/final]
-    moon-fast data check DIR        # parse every record and image; report the bad ones
+    moon-fast data check DIR        # parse every record and image (heldout.jsonl too); report the bad ones
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def add_parser(sub) -> None:
     au.add_argument("--min-similarity", type=float, default=0.0)
     au.add_argument("--max-drop", type=float, default=0.2, help="drop views whose image-text similarity is more "
                                                                 "than this below the original image's")
+    au.add_argument("--max-bad-fraction", type=float, default=0.05,
+                    help="stop when more than this fraction of the source's records is bad (they are skipped)")
     au.set_defaults(func=_augment)
 
     ch = s.add_parser("check", help="validate a catalog: every record and image")
@@ -47,11 +49,18 @@ def add_parser(sub) -> None:
     ch.set_defaults(func=_check)
 
 
+def _parse_mix(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--mix {text!r}: expected three numbers text:image:multimodal, e.g. 1:1:1") from None
+
+
 def _synth(args) -> int:
     from moon_fast.data.synth import synthesize
 
     try:
-        mix = tuple(float(x) for x in args.mix.split(":"))
+        mix = _parse_mix(args.mix)
         synthesize(args.output, products=args.products, seed=args.seed, heldout=args.heldout, views=args.views,
                    triplets_per_product=args.triplets_per_product, mix=mix, corrupt_rate=args.corrupt_rate,
                    workers=args.workers)
@@ -63,12 +72,13 @@ def _synth(args) -> int:
 
 def _augment(args) -> int:
     from moon_fast.data.augment import augment_catalog
+    from moon_fast.data.catalog import TooManyBadRecords
 
     try:
         augment_catalog(args.input, args.output, views=args.views, seed=args.seed, text_model=args.text_model,
                         model=args.model, min_similarity=args.min_similarity, max_drop=args.max_drop,
-                        enrich_text=not args.no_text)
-    except (ValueError, FileNotFoundError) as e:
+                        enrich_text=not args.no_text, max_bad_fraction=args.max_bad_fraction)
+    except (ValueError, FileNotFoundError, TooManyBadRecords) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -78,6 +88,7 @@ def _check(args) -> int:
     import logging
 
     from moon_fast.data.catalog import BadRecordCounter, BadRecordError, Catalog
+    from moon_fast.data.encode import check_records
     from moon_fast.data.images import load_image
     from moon_fast.data.loader import read_triplets
 
@@ -92,7 +103,7 @@ def _check(args) -> int:
     for p in cat.products:
         for im in p.images:
             try:
-                load_image(im, f"product {p.product_id}")
+                load_image(im, p.where)
                 bad.ok()
             except BadRecordError as e:
                 bad.skip(e)
@@ -105,6 +116,9 @@ def _check(args) -> int:
             bad.ok()
         except BadRecordError as e:
             bad.skip(e)
-    print(f"{args.path}: {len(cat)} products, {len(triplets)} triplets; {bad.bad} bad of {bad.seen} checked "
-          f"{bad.reasons if bad.bad else ''}")
+    # Evaluation reads heldout.jsonl only after training: a bad record there is best found now.
+    heldout = cat.root / "heldout.jsonl"
+    held = f", {check_records(heldout, bad)} good held-out records" if heldout.is_file() else ""
+    print(f"{args.path}: {len(cat)} products, {len(triplets)} triplets{held}; {bad.bad} bad of {bad.seen} "
+          f"checked{'; ' + bad.summary() if bad.bad else ''}")
     return 1 if bad.bad else 0

@@ -15,12 +15,14 @@
    Without a model, filtering is skipped and the output says so.
 
 The output is a new catalog directory: products with enriched titles and extra images, the original
-triplets plus image-query triplets on the new views, and the original held-out file copied unchanged.
+triplets (less those that do not parse or name a product the source lacks) plus image-query triplets on
+the new views, and the original held-out file copied unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import shutil
@@ -29,7 +31,16 @@ from pathlib import Path
 
 from PIL import Image, ImageEnhance, ImageOps
 
-from .catalog import Catalog, Product, iter_manifest, manifest_files
+from .catalog import (
+    BadRecordCounter,
+    BadRecordError,
+    Catalog,
+    Product,
+    iter_manifest,
+    manifest_files,
+    parse_triplet,
+)
+from .images import load_image
 
 STOP = {"a", "an", "the", "in", "of", "with", "and", "by", "from", "it", "is", "for", "to", "as", "its", "comes",
         "range", "finish", "surface", "pattern"}
@@ -144,12 +155,25 @@ class ClassicalExpander:
 
 def augment_catalog(source: str, output: str, *, views: int = 1, seed: int = 0, text_model: str | None = None,
                     model: str | None = None, min_similarity: float = 0.0, max_drop: float = 0.2,
-                    enrich_text: bool = True, verbose: bool = True) -> dict:
-    """Writes an augmented copy of catalog ``source`` into ``output``; returns a report dict."""
+                    enrich_text: bool = True, max_bad_fraction: float = 0.05, verbose: bool = True) -> dict:
+    """Writes an augmented copy of catalog ``source`` into ``output``; returns a report dict.
+
+    Bad records of the source (a product that does not parse, a main image that does not load, a triplet
+    naming a product the catalog lacks) are skipped and counted as in training: more than
+    ``max_bad_fraction`` of them stops with TooManyBadRecords; the report lists them."""
     src, out = Path(source), Path(output)
     if src.resolve() == out.resolve():
         raise ValueError("augment: --output must differ from the source catalog")
-    cat = Catalog(src)
+    if views < 0:
+        raise ValueError(f"views={views}: need 0 or more new views per product")
+    if not math.isfinite(max_drop) or max_drop < 0:
+        raise ValueError(f"max_drop={max_drop}: must be a similarity drop >= 0 (e.g. 0.2)")
+    if not -1 <= min_similarity <= 1:  # also refuses nan
+        raise ValueError(f"min_similarity={min_similarity}: must be a cosine similarity in [-1, 1]")
+    if not 0 <= max_bad_fraction <= 1:
+        raise ValueError(f"max_bad_fraction={max_bad_fraction}: must be a fraction in [0, 1]")
+    cat = Catalog(src, bad=BadRecordCounter(max_fraction=max_bad_fraction, knob="--max-bad-fraction"))
+    triplets = list(_usable_triplets(src, cat))  # before writing anything: too many bad ones stop here
     rng = random.Random(seed)
     (out / "images_aug").mkdir(parents=True, exist_ok=True)
     enricher = None
@@ -169,12 +193,18 @@ def augment_catalog(source: str, output: str, *, views: int = 1, seed: int = 0, 
                "images": [str(Path(x).relative_to(src)) if Path(x).is_relative_to(src) else x for x in p.images],
                "category": p.category, "attributes": p.attributes, "split": p.split}
         if p.split == "train":  # evaluation data is never augmented
+            try:
+                base = load_image(p.images[0], p.where)
+            except BadRecordError as e:  # kept unchanged (training skips it too); nothing to augment
+                cat.bad.skip(e)
+                products.append(rec)
+                continue
+            cat.bad.ok()
             report["products"] += 1
             if enricher:
                 rec["title_original"] = p.title
                 rec["title"] = enricher(p, extract_entities(p.title, p.description, p.attributes))
                 report["enriched"] += 1
-            base = Image.open(p.images[0])
             cands = []
             for v in range(views):
                 img = expander(base, rng)
@@ -205,12 +235,11 @@ def augment_catalog(source: str, output: str, *, views: int = 1, seed: int = 0, 
         for r in products:
             f.write(json.dumps(r) + "\n")
     with open(out / "triplets.jsonl", "w") as f:
-        for tf in manifest_files(src, "triplets"):
-            for _, rec in iter_manifest(tf):
-                if isinstance(rec, dict):
-                    f.write(json.dumps(rec) + "\n")
+        for rec in triplets:
+            f.write(json.dumps(rec) + "\n")
         for t in new_triplets:
             f.write(json.dumps(t) + "\n")
+    report["bad_records"] = cat.bad.state_dict()
     for name in ("heldout.jsonl", "tokenizer.json", "catalog.json"):
         if (src / name).exists():
             shutil.copy(src / name, out / name)
@@ -219,6 +248,24 @@ def augment_catalog(source: str, output: str, *, views: int = 1, seed: int = 0, 
     if verbose:
         print(json.dumps(report, indent=1))
     return report
+
+
+def _usable_triplets(src: Path, cat: Catalog):
+    """The source's triplet records (as written) that parse and name products of ``cat``: a triplet of a
+    product that did not load (a truncated or bad products file) would be a bad record in the output."""
+    for tf in manifest_files(src, "triplets"):
+        for i, rec in iter_manifest(tf):
+            try:
+                if isinstance(rec, Exception):
+                    raise rec
+                t = parse_triplet(rec, src, f"{tf}:{i + 1}")
+                for pid in (t.positive_id, t.negative_id):
+                    cat.get(pid, t.where)
+            except BadRecordError as e:
+                cat.bad.skip(e)
+                continue
+            cat.bad.ok()
+            yield rec
 
 
 def _some_negative(cat: Catalog, p: Product, rng: random.Random) -> str:

@@ -21,7 +21,13 @@ MANIFEST_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 class BadRecordError(ValueError):
-    """A record that cannot be used; the message names the record (file:line or product id)."""
+    """A record that cannot be used. The message is "<where>: <what>" (where = file:line or product id);
+    ``cause`` is a short label of the kind of problem ("corrupt image", "malformed JSON"), by which
+    :class:`BadRecordCounter` groups its summary (so it stays small however many records are bad)."""
+
+    def __init__(self, message: str, cause: str = "bad record"):
+        super().__init__(message)
+        self.cause = cause
 
 
 class TooManyBadRecords(RuntimeError):
@@ -31,7 +37,8 @@ class TooManyBadRecords(RuntimeError):
 @dataclass
 class BadRecordCounter:
     """Counts records seen and skipped; raises once the skipped fraction exceeds ``max_fraction``
-    (checked after ``grace`` records, so one early bad record does not end a run)."""
+    (checked after ``grace`` records, so one early bad record does not end a run). ``knob`` is the
+    setting that the message tells the user to raise."""
 
     max_fraction: float = 0.05
     grace: int = 50
@@ -39,7 +46,9 @@ class BadRecordCounter:
     bad: int = 0
     shown: int = 0
     max_shown: int = 20
-    reasons: dict = field(default_factory=dict)
+    max_examples: int = 3
+    reasons: dict = field(default_factory=dict)  # cause -> {"count": n, "examples": [where, ...]}
+    knob: str = "data.max_bad_fraction"
 
     def ok(self, n: int = 1) -> None:
         self.seen += n
@@ -48,8 +57,13 @@ class BadRecordCounter:
         self.seen += 1
         self.bad += 1
         msg = str(err)
-        kind = msg.split(":")[0][:60] if ":" in msg else type(err).__name__
-        self.reasons[kind] = self.reasons.get(kind, 0) + 1
+        cause = getattr(err, "cause", None) or (type(err).__name__ if isinstance(err, Exception) else
+                                                  "bad record")
+        r = self.reasons.setdefault(cause, {"count": 0, "examples": []})
+        r["count"] += 1
+        where = msg.split(": ", 1)[0] or msg[:100]  # messages are "<where>: <what>"
+        if len(r["examples"]) < self.max_examples and where not in r["examples"]:
+            r["examples"].append(where)
         if self.shown < self.max_shown:
             self.shown += 1
             log.warning("skipping bad record: %s", msg)
@@ -61,14 +75,24 @@ class BadRecordCounter:
         if self.seen >= self.grace and self.bad > self.max_fraction * self.seen:
             raise TooManyBadRecords(
                 f"{self.bad} of {self.seen} records were bad ({self.bad / self.seen:.1%} > "
-                f"data.max_bad_fraction={self.max_fraction:.1%}); reasons: {self.reasons}. "
-                f"Fix the data or raise data.max_bad_fraction.")
+                f"{self.knob}={self.max_fraction:.1%}); reasons: {self.summary()}. "
+                f"Fix the data (`moon-fast data check DIR` lists every bad record) or raise {self.knob}.")
+
+    def summary(self) -> str:
+        """The bad records by cause, most frequent first, with a few examples each:
+        ``corrupt image: 3 (e.g. triplets.jsonl:4 (positive p1), ...); malformed JSON: 1 (...)``."""
+        by_count = sorted(self.reasons.items(), key=lambda kv: -kv[1]["count"])
+        return "; ".join(f"{cause}: {r['count']} (e.g. {', '.join(r['examples'])})" for cause, r in by_count)
 
     def state_dict(self) -> dict:
-        return {"seen": self.seen, "bad": self.bad, "reasons": dict(self.reasons)}
+        reasons = {k: {"count": r["count"], "examples": list(r["examples"])} for k, r in self.reasons.items()}
+        return {"seen": self.seen, "bad": self.bad, "reasons": reasons}
 
     def load_state_dict(self, s: dict) -> None:
-        self.seen, self.bad, self.reasons = s["seen"], s["bad"], dict(s["reasons"])
+        self.seen, self.bad = s["seen"], s["bad"]
+        # Checkpoints written before reasons had examples hold a bare count per reason.
+        self.reasons = {k: {"count": r, "examples": []} if isinstance(r, int) else
+                        {"count": r["count"], "examples": list(r["examples"])} for k, r in s["reasons"].items()}
 
 
 @dataclass
@@ -83,6 +107,7 @@ class Product:
     description: str = ""
     split: str = "train"
     index: int = -1
+    where: str = ""  # file:line (product id), for messages
 
 
 @dataclass
@@ -122,59 +147,86 @@ def manifest_files(path: str | os.PathLike, stem: str) -> list[Path]:
 
 def iter_manifest(path: Path, start: int = 0) -> Iterator[tuple[int, dict | BadRecordError]]:
     """(row number, record) pairs from one manifest file from row ``start`` on; a row that does not
-    parse is yielded as a BadRecordError naming file and line."""
+    parse is yielded as a BadRecordError naming file and line. A Parquet file that cannot be read at
+    all raises ValueError naming it (skipping it would silently drop all its rows)."""
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        row = 0
-        for rg in range(pf.num_row_groups):
-            n = pf.metadata.row_group(rg).num_rows
-            if row + n <= start:
-                row += n
-                continue
-            for rec in pf.read_row_group(rg).to_pylist():
-                if row >= start:
-                    yield row, rec
-                row += 1
+        yield from _iter_parquet(path, start)
         return
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield 0, BadRecordError(f"{path}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8",
+                                    cause="not UTF-8")
+            return
         except json.JSONDecodeError as e:
-            yield 0, BadRecordError(f"{path}: not valid JSON ({e})")
+            yield 0, BadRecordError(f"{path}: not valid JSON ({e})", cause="malformed JSON")
             return
         if not isinstance(data, list):
-            yield 0, BadRecordError(f"{path}: expected a JSON list of records")
+            yield 0, BadRecordError(f"{path}: expected a JSON list of records", cause="malformed JSON")
             return
         for i, rec in enumerate(data[start:], start):
             yield i, rec
         return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    with open(path, "rb") as f:  # bytes, so that one badly encoded line is one bad record
+        for i, raw in enumerate(f):
             if i < start:
                 continue
-            line = line.strip()
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                yield i, BadRecordError(f"{path}:{i + 1}: not valid UTF-8 (byte {e.start} of the line); "
+                                        f"re-save the file as UTF-8", cause="not UTF-8")
+                continue
             if not line:
                 continue
             try:
                 yield i, json.loads(line)
             except json.JSONDecodeError as e:
-                yield i, BadRecordError(f"{path}:{i + 1}: malformed JSON ({e.msg})")
+                yield i, BadRecordError(f"{path}:{i + 1}: malformed JSON ({e.msg})", cause="malformed JSON")
+
+
+def _iter_parquet(path: Path, start: int) -> Iterator[tuple[int, dict]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def unreadable(e: Exception) -> ValueError:
+        return ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e}); it may be truncated "
+                          f"or not Parquet at all: re-write it or remove it from the catalog")
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise unreadable(e) from e
+    row = 0
+    for rg in range(pf.num_row_groups):
+        n = pf.metadata.row_group(rg).num_rows
+        if row + n <= start:
+            row += n
+            continue
+        try:
+            recs = pf.read_row_group(rg).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise unreadable(e) from e
+        for rec in recs:
+            if row >= start:
+                yield row, rec
+            row += 1
 
 
 def _need(rec: dict, key: str, where: str, types=str):
     v = rec.get(key)
     if v is None or (isinstance(v, str) and not v.strip()):
-        raise BadRecordError(f"{where}: missing field '{key}'")
+        raise BadRecordError(f"{where}: missing field '{key}'", cause="missing field")
     if not isinstance(v, types):
-        raise BadRecordError(f"{where}: field '{key}' should be {types}, got {type(v).__name__}")
+        raise BadRecordError(f"{where}: field '{key}' should be {types}, got {type(v).__name__}",
+                             cause="invalid field")
     return v
 
 
 def parse_product(rec: dict, root: Path, where: str) -> Product:
     if not isinstance(rec, dict):
-        raise BadRecordError(f"{where}: expected an object, got {type(rec).__name__}")
+        raise BadRecordError(f"{where}: expected an object, got {type(rec).__name__}", cause="not an object")
     pid = str(_need(rec, "product_id", where, (str, int)))
     where = f"{where} (product {pid})"
     images = rec.get("images")
@@ -182,35 +234,40 @@ def parse_product(rec: dict, root: Path, where: str) -> Product:
         images = [rec["image"]]
     if isinstance(images, str):
         images = [images]
-    if not images or not all(isinstance(x, str) and x for x in images):
-        raise BadRecordError(f"{where}: missing field 'images' (a list of image paths)")
+    if not isinstance(images, list) or not images or not all(isinstance(x, str) and x for x in images):
+        raise BadRecordError(f"{where}: missing field 'images' (a list of image paths)", cause="missing field")
     attrs = rec.get("attributes") or {}
     if isinstance(attrs, str):
         try:
             attrs = json.loads(attrs)
         except json.JSONDecodeError as e:
-            raise BadRecordError(f"{where}: 'attributes' is not a JSON object") from e
+            raise BadRecordError(f"{where}: 'attributes' is not a JSON object", cause="invalid field") from e
     if isinstance(attrs, list):  # Parquet map columns arrive as [(key, value), ...]
-        attrs = dict(attrs)
+        try:
+            attrs = dict(attrs)
+        except (TypeError, ValueError) as e:  # a list that is not of pairs, e.g. [1, 2]
+            raise BadRecordError(f"{where}: 'attributes' should be an object of name: value, got the list "
+                                 f"{str(attrs)[:60]}", cause="invalid field") from e
     if not isinstance(attrs, dict):
-        raise BadRecordError(f"{where}: 'attributes' should be an object of name: value")
+        raise BadRecordError(f"{where}: 'attributes' should be an object of name: value", cause="invalid field")
     return Product(product_id=pid, title=_need(rec, "title", where), images=[resolve(root, x) for x in images],
                    category=str(rec.get("category") or ""), attributes={str(k): str(v) for k, v in attrs.items()},
-                   description=str(rec.get("description") or ""), split=str(rec.get("split") or "train"))
+                   description=str(rec.get("description") or ""), split=str(rec.get("split") or "train"),
+                   where=where)
 
 
 def parse_triplet(rec: dict, root: Path, where: str) -> Triplet:
     if not isinstance(rec, dict):
-        raise BadRecordError(f"{where}: expected an object, got {type(rec).__name__}")
+        raise BadRecordError(f"{where}: expected an object, got {type(rec).__name__}", cause="not an object")
     qt, qi = rec.get("query_text"), rec.get("query_image")
     comp = rec.get("composition") or ("mm" if qt and qi else "t" if qt else "i" if qi else None)
     if comp not in ("t", "i", "mm"):
         raise BadRecordError(f"{where}: 'composition' must be t, i or mm (got {comp!r}), or give query_text "
-                             f"and/or query_image")
+                             f"and/or query_image", cause="invalid field")
     if comp in ("t", "mm") and not (isinstance(qt, str) and qt.strip()):
-        raise BadRecordError(f"{where}: composition {comp} needs a non-empty 'query_text'")
+        raise BadRecordError(f"{where}: composition {comp} needs a non-empty 'query_text'", cause="missing field")
     if comp in ("i", "mm") and not (isinstance(qi, str) and qi):
-        raise BadRecordError(f"{where}: composition {comp} needs 'query_image'")
+        raise BadRecordError(f"{where}: composition {comp} needs 'query_image'", cause="missing field")
     return Triplet(composition=comp, positive_id=str(_need(rec, "positive_id", where, (str, int))),
                    negative_id=str(_need(rec, "negative_id", where, (str, int))),
                    query_text=qt if comp != "i" else None,
@@ -237,7 +294,8 @@ class Catalog:
                         raise rec
                     p = parse_product(rec, self.root, where)
                     if p.product_id in self.by_id:
-                        raise BadRecordError(f"{where}: duplicate product_id {p.product_id}")
+                        raise BadRecordError(f"{where}: duplicate product_id {p.product_id}",
+                                             cause="duplicate product")
                 except BadRecordError as e:
                     self.bad.skip(e)
                     continue
@@ -254,5 +312,5 @@ class Catalog:
     def get(self, pid: str, where: str) -> Product:
         p = self.by_id.get(pid)
         if p is None:
-            raise BadRecordError(f"{where}: unknown product {pid}")
+            raise BadRecordError(f"{where}: unknown product {pid}", cause="unknown product")
         return p

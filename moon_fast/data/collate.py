@@ -65,7 +65,7 @@ class SampleBuilder:
     def text_ids(self, text: str, where: str) -> list[int]:
         ids = self.tok.encode(text or "")[: self.max_text_tokens]
         if not ids:
-            raise BadRecordError(f"{where}: text {text!r} has no tokens")
+            raise BadRecordError(f"{where}: text {text!r} has no tokens", cause="empty text")
         return ids
 
     def image_ids(self, grid_thw: torch.Tensor) -> list[int]:

@@ -8,16 +8,20 @@ from pathlib import Path
 
 import torch
 
-from .catalog import BadRecordError, resolve
+from .catalog import BadRecordCounter, BadRecordError, iter_manifest, resolve
 from .collate import COMP_ID, Sample, pack
-from .images import ImageCache, merge_size_of
+from .images import ImageCache, load_image, merge_size_of
 
 
 def load_records(path: str | os.PathLike) -> list[dict]:
     """MBE-format records from a JSON list or JSONL file, with image paths made absolute (relative
     paths are relative to the file's directory)."""
     p = Path(path)
-    text = p.read_text()
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecordError(f"{p}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8",
+                             cause="not UTF-8") from e
     if p.suffix == ".json" or text.lstrip().startswith("["):
         recs = json.loads(text)
     else:
@@ -27,12 +31,51 @@ def load_records(path: str | os.PathLike) -> list[dict]:
                 try:
                     recs.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise BadRecordError(f"{p}:{i + 1}: malformed JSON ({e.msg})") from e
+                    raise BadRecordError(f"{p}:{i + 1}: malformed JSON ({e.msg})", cause="malformed JSON") from e
     for r in recs:
         for k in ("image", "query_image"):
             if isinstance(r.get(k), str):
                 r[k] = resolve(p.parent, r[k])
     return recs
+
+
+def check_records(path: str | os.PathLike, bad: BadRecordCounter) -> int:
+    """Checks an MBE-format file record by record, as evaluation will read it: each record parses, has a
+    title, an image and a category, its other fields have the right types, and its images load. Bad
+    records are counted in ``bad`` (named by file:line); returns the number of good ones."""
+    p = Path(path)
+    good = 0
+    for i, rec in iter_manifest(p):
+        try:
+            if isinstance(rec, Exception):
+                raise rec
+            _check_record(rec, p, f"{p}:{i + 1}")
+        except BadRecordError as e:
+            bad.skip(e)
+            continue
+        bad.ok()
+        good += 1
+    return good
+
+
+def _check_record(rec, p: Path, where: str) -> None:
+    if not isinstance(rec, dict):
+        raise BadRecordError(f"{where}: expected an object, got {type(rec).__name__}", cause="not an object")
+    where = f"{where} (product {rec.get('product_id', '?')})"
+    images = rec.get("images")
+    image = rec.get("image") or (images[0] if isinstance(images, list) and images else None)
+    for key, value in (("title", rec.get("title")), ("image", image), ("category", rec.get("category"))):
+        if not (isinstance(value, str) and value.strip()):
+            raise BadRecordError(f"{where}: missing field '{key}' (MBE records need title, image and category)",
+                                 cause="missing field")
+    if not isinstance(rec.get("attributes") or {}, dict):
+        raise BadRecordError(f"{where}: 'attributes' should be an object of name: value", cause="invalid field")
+    for key in ("query_text", "query_image"):
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            raise BadRecordError(f"{where}: field '{key}' should be a string", cause="invalid field")
+    for key, img in (("image", image), ("query_image", rec.get("query_image"))):
+        if img:
+            load_image(resolve(p.parent, img), f"{where} ({key})")
 
 
 def _record_fields(r: dict, side: str) -> tuple[str | None, str | None]:
@@ -82,14 +125,16 @@ def encode_records(model, records: list[dict], tokenizer, image_processor, compo
                 pv = thw = None
                 if composition in ("i", "mm"):
                     if not image:
-                        raise BadRecordError(f"{where}: no image for composition {composition}")
+                        raise BadRecordError(f"{where}: no image for composition {composition}",
+                                             cause="missing field")
                     pv, thw = cache.get(resolve(Path(root), image) if root else image, where)
                     n = int(thw.prod()) // (merge * merge)
                     ids = [tokenizer.vision_start_id] + [tokenizer.image_pad_id] * n + [tokenizer.vision_end_id]
                 if composition in ("t", "mm"):
                     t = tokenizer.encode(text or "")[:max_text_tokens]
                     if not t:
-                        raise BadRecordError(f"{where}: no text for composition {composition}")
+                        raise BadRecordError(f"{where}: no text for composition {composition}",
+                                             cause="empty text")
                     ids = ids + t
                 samples.append(Sample(ids, COMP_ID[composition], pv, thw))
             batch = pack(samples).to(device, dtype=dtype if dtype.is_floating_point else None)

@@ -47,9 +47,10 @@ def load_image(path: str, where: str = ""):
             im.load()
             return im.convert("RGB")
     except FileNotFoundError as e:
-        raise BadRecordError(f"{where}: image file not found: {path}") from e
+        raise BadRecordError(f"{where}: image file not found: {path}", cause="missing image") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadRecordError(f"{where}: corrupt image {path} ({type(e).__name__}: {e})") from e
+        raise BadRecordError(f"{where}: corrupt image {path} ({type(e).__name__}: {e})",
+                             cause="corrupt image") from e
 
 
 class ImageCache:
@@ -80,7 +81,8 @@ class ImageCache:
         try:
             pv, thw = self.process([img])
         except Exception as e:  # the processor rejects odd images (e.g. 1x1): a bad record, not a crash
-            raise BadRecordError(f"{where}: image {path} could not be preprocessed ({e})") from e
+            raise BadRecordError(f"{where}: image {path} could not be preprocessed ({e})",
+                                 cause="unprocessable image") from e
         entry = (pv.to(self.store_dtype), thw[0])
         with self._lock:
             if self.max_bytes > 0:

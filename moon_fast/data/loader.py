@@ -72,6 +72,7 @@ class TripletLoader:
             self.shards = manifest_files(self.root, "triplets")
             self.state = {"epoch": 0, "shard_pos": 0, "row": 0}
             self._it = None
+            self._usable = 0  # usable triplets streamed so far (tells _stream whether a pass found any)
 
     # ---- memory mode ----
     def _index(self, p: int) -> int:
@@ -92,7 +93,8 @@ class TripletLoader:
                 return item
             except BadRecordError as e:
                 self.bad.skip(e)
-        raise RuntimeError("no usable triplet in the whole dataset")
+        raise ValueError(f"no usable triplet in {self.root}: every triplet was skipped as bad ("
+                         f"{self.bad.summary() or 'none read'}); run `moon-fast data check {self.root}`")
 
     # ---- stream mode ----
     def _my_files(self, epoch: int):
@@ -103,18 +105,36 @@ class TripletLoader:
         return [(f, self.rank, self.world) for f in files]  # stride rows instead
 
     def _stream(self):
+        dry: set = set()  # shards read whole since the last usable triplet
         while True:
             files = self._my_files(self.state["epoch"])
             while self.state["shard_pos"] < len(files):
                 f, offset, stride = files[self.state["shard_pos"]]
+                whole, usable = self.state["row"] == 0, self._usable
                 for i, rec in iter_manifest(f, self.state["row"]):
                     self.state["row"] = i + 1
                     if (i - offset) % stride:
                         continue
                     yield f, i, rec
+                if self._usable != usable:
+                    dry.clear()
+                elif whole:
+                    dry.add(f)
                 self.state["shard_pos"] += 1
                 self.state["row"] = 0
+            # Without this, empty or all-bad shards would make this loop spin through epochs forever.
+            # (A rank reads a different subset of shards each epoch: wait until it has read them all.)
+            if len(dry) == len(self.shards):
+                raise ValueError(self._no_usable_message())
             self.state = {"epoch": self.state["epoch"] + 1, "shard_pos": 0, "row": 0}
+
+    def _no_usable_message(self) -> str:
+        where = f"{self.shards[0].parent}/ shards" if len(self.shards) > 1 else str(self.shards[0])
+        strided = len(self.shards) < self.world
+        rows = f" (rows {self.rank}::{self.world} of each, for rank {self.rank})" if strided else ""
+        return (f"no usable triplets in {where}{rows}: a full pass over them found none (they are empty or "
+                f"blank, or every record in them was skipped as bad). Put triplet records in them "
+                f"(see moon_fast/data/FORMAT.md) and run `moon-fast data check {self.root}`")
 
     def _next_streamed(self):
         if self._it is None:
@@ -126,6 +146,7 @@ class TripletLoader:
                     raise rec
                 item = prepare_triplet(parse_triplet(rec, self.root, f"{f}:{i + 1}"), self.catalog, self.builder)
                 self.bad.ok()
+                self._usable += 1
                 return item
             except BadRecordError as e:
                 self.bad.skip(e)

@@ -17,6 +17,7 @@ learn real image-text alignment from it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -126,7 +127,8 @@ def synthesize(output: str | os.PathLike, products: int = 1000, seed: int = 0, h
                verbose: bool = True) -> Path:
     """Writes a synthetic catalog into ``output`` (see the module docstring) and returns its path.
 
-    products: number of products (train + held-out); heldout: fraction held out for evaluation;
+    products: number of products (train + held-out); heldout: fraction held out for evaluation (at
+    least 2 products must stay for training, so that a triplet's negative differs from its positive);
     views: images per product (>= 2: the main view and at least one query view);
     mix: relative frequency of text / image / multimodal queries; corrupt_rate: fraction of triplets
     whose positive is replaced by an unrelated product (noise for Dynamic Sample Filtering).
@@ -135,18 +137,31 @@ def synthesize(output: str | os.PathLike, products: int = 1000, seed: int = 0, h
         raise ValueError(f"products={products}: need at least 10 products")
     if not 0 < heldout < 1:
         raise ValueError(f"heldout={heldout}: must be a fraction in (0, 1)")
+    n_held = max(1, round(products * heldout))
+    if products - n_held < 2:  # a triplet's negative must be another train product than its positive
+        raise ValueError(f"heldout={heldout} leaves {products - n_held} of {products} products for training; "
+                         f"need at least 2 (a negative must differ from the positive): lower heldout or add "
+                         f"products")
+    if triplets_per_product < 1:
+        raise ValueError(f"triplets_per_product={triplets_per_product}: need at least 1 triplet per product")
     if views < 2:
         raise ValueError(f"views={views}: need at least 2 (the main image and a query view)")
-    if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
-        raise ValueError(f"mix={mix}: need three non-negative weights (text, image, multimodal), not all 0")
+    if len(mix) != 3 or not all(math.isfinite(w) and w >= 0 for w in mix) or sum(mix) <= 0:
+        raise ValueError(f"mix={mix}: need three finite, non-negative weights (text, image, multimodal), "
+                         f"not all 0")
     if not 0 <= corrupt_rate < 1:
         raise ValueError(f"corrupt_rate={corrupt_rate}: must be in [0, 1)")
     t0 = time.perf_counter()
     root = Path(output)
-    (root / "images").mkdir(parents=True, exist_ok=True)
+    try:
+        (root / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a path through an existing file
+        file = next((a for a in (root, *root.parents) if a.exists() and not a.is_dir()), None)
+        why = f"{file} is a file, not a directory" if file else f"{e.strerror}: {e.filename}"
+        raise ValueError(f"output={output}: cannot create the catalog directory ({why}); give a new or "
+                         f"existing directory") from e
     rng = random.Random(seed)
 
-    n_held = max(1, round(products * heldout))
     held = set(rng.sample(range(products), n_held))
     catalog, jobs = [], []
     for i in range(products):
@@ -184,7 +199,7 @@ def synthesize(output: str | os.PathLike, products: int = 1000, seed: int = 0, h
         for _ in range(triplets_per_product):
             comp = trng.choices(comps, weights=mix)[0]
             neg = _hard_negative(i, train_products, by_category, trng)
-            while neg in held:
+            while neg in held or neg == i:
                 neg = trng.choice(train_idx)
             t = {"composition": comp}
             if comp in ("t", "mm"):
@@ -194,7 +209,11 @@ def synthesize(output: str | os.PathLike, products: int = 1000, seed: int = 0, h
             pos, corrupted = i, trng.random() < corrupt_rate
             if corrupted:  # an unrelated product of another category stands in for the positive
                 others = [j for j in train_idx if catalog[j]["category"] != p["category"]]
-                pos = trng.choice(others)
+                if set(others) - {neg}:  # else (tiny catalogs) the triplet stays uncorrupted
+                    pos = trng.choice(others)
+                    while pos == neg:  # the negative cannot also be the positive
+                        pos = trng.choice(others)
+                corrupted = pos != i
             t.update(positive_id=catalog[pos]["product_id"], negative_id=catalog[neg]["product_id"],
                      corrupted=corrupted)
             triplets.append(t)

@@ -152,7 +152,8 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
         model = build_model(cfg)
     except ValueError as e:  # the model's own checks (options, a damaged checkpoint): a config problem here
         raise ConfigError(f"model: {e}") from e
-    tokenizer = build_tokenizer(cfg, data_dir)
+    with _data_errors():  # with no tokenizer.json, one is trained on the catalog's text
+        tokenizer = build_tokenizer(cfg, data_dir)
     vs = _vocab_size(model)
     if vs is not None and tokenizer.vocab_size > vs:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vs}")
@@ -163,11 +164,13 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
 
     processor = image_processor_for(model)
     bad = BadRecordCounter(max_fraction=cfg.data.max_bad_fraction, grace=cfg.data.bad_record_grace)
-    catalog = Catalog(data_dir, bad=bad)
-    builder = SampleBuilder(tokenizer, ImageCache(processor, cfg.data.image_cache_mb << 20), cfg.data.max_text_tokens)
     mb = micro_batch(cfg, info.world)
-    loader = TripletLoader(data_dir, catalog, builder, micro_batch=mb, grad_accum=cfg.train.grad_accum,
-                           rank=info.rank, world=info.world, seed=seed, mode=cfg.data.mode, bad=bad)
+    with _data_errors():
+        catalog = Catalog(data_dir, bad=bad)
+        builder = SampleBuilder(tokenizer, ImageCache(processor, cfg.data.image_cache_mb << 20),
+                                cfg.data.max_text_tokens)
+        loader = TripletLoader(data_dir, catalog, builder, micro_batch=mb, grad_accum=cfg.train.grad_accum,
+                               rank=info.rank, world=info.world, seed=seed, mode=cfg.data.mode, bad=bad)
 
     # Counted before the engine exists: ZeRO-3 partitions the parameters (numel 0 on every rank).
     n_params = sum(p.numel() for p in model.parameters())
@@ -212,7 +215,8 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
         data_s = 0.0
         for _ in range(cfg.train.grad_accum):
             td = time.perf_counter()
-            batch = loader.next()
+            with _data_errors():
+                batch = loader.next()
             win.tokens += batch.encoder.input_ids.numel()
             win.samples += batch.query.numel()
             batch = batch.to(info.device, dtype=dtype)
@@ -291,6 +295,17 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
             _say(info, f"no {heldout}: skipping the zero-shot evaluation")
     barrier()
     return summary
+
+
+@contextlib.contextmanager
+def _data_errors():
+    """The data layer's ValueErrors (an empty catalog, an unreadable shard, no usable triplet) name the file
+    and the fix: report them like config errors, not as tracebacks. Bad single records are skipped and
+    counted before this (BadRecordCounter); what reaches here ends the run."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data: {e}") from e
 
 
 class Diverged(RuntimeError):
