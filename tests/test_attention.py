@@ -411,6 +411,8 @@ def test_flash_attn_shims_match_and_reject_unsupported():
     assert_close(got, want, **tolerance(torch.float32), name="flash_attn_varlen_func")
     with pytest.raises(NotImplementedError, match="dropout_p"):
         flash_attn_varlen_func(qp, kp, vp, cu, cu, 12, 12, dropout_p=0.5)
+    with pytest.raises(NotImplementedError, match=r"window_size=None is not supported by moon_fast \(only \(-1, -1\)\)"):
+        flash_attn_varlen_func(qp, kp, vp, cu, cu, 12, 12, window_size=None)
 
 
 @pytest.mark.parametrize("case,match", [

@@ -98,6 +98,9 @@ def test_data_errors_are_reported_not_raised_raw(run, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="data: no products manifest in .*empty"):
         run(f"data.path={tmp_path / 'empty'}")
+    cfg = load_config("ci", ["data.synth_products=3", "train.max_steps=1", "distributed.engine=torch"])
+    with pytest.raises(ConfigError, match="data: products=3: need at least 10 products"):  # generated at start
+        trainer.train(cfg, tmp_path / "synth")
 
 
 def test_a_failing_rank_leaves_without_the_barrier(monkeypatch):

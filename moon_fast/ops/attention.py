@@ -297,6 +297,14 @@ def _reject(func: str, **unsupported) -> None:
             raise NotImplementedError(f"{func}: {name}={value!r} is not supported by moon_fast (only {default!r})")
 
 
+def _as_tuple(x):
+    """A window size as a tuple, for comparison; anything not iterable (None) as itself, for the message."""
+    try:
+        return tuple(x)
+    except TypeError:
+        return x
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend="auto"):
     """FlashAttention 2's ``flash_attn_func`` signature: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> (B, Sq, Hq, D).
@@ -304,7 +312,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Dropout, sliding windows, softcapping, ALiBi and returned probabilities are not supported
     (NotImplementedError); ``deterministic`` is accepted (our backward is deterministic or not per backend).
     """
-    _reject("flash_attn_func", dropout_p=(float(dropout_p), 0.0), window_size=(tuple(window_size), (-1, -1)),
+    _reject("flash_attn_func", dropout_p=(float(dropout_p), 0.0), window_size=(_as_tuple(window_size), (-1, -1)),
             softcap=(float(softcap), 0.0), alibi_slopes=(alibi_slopes, None), return_attn_probs=(return_attn_probs, False))
     return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, backend=backend)
 
@@ -314,7 +322,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            deterministic=False, return_attn_probs=False, block_table=None, *, backend="auto"):
     """FlashAttention 2's ``flash_attn_varlen_func`` signature: packed q (total_q, Hq, D), k/v (total_k, Hkv, D)
     with int32 ``cu_seqlens_q/k`` -> (total_q, Hq, D). Unsupported options raise NotImplementedError."""
-    _reject("flash_attn_varlen_func", dropout_p=(float(dropout_p), 0.0), window_size=(tuple(window_size), (-1, -1)),
+    _reject("flash_attn_varlen_func", dropout_p=(float(dropout_p), 0.0), window_size=(_as_tuple(window_size), (-1, -1)),
             softcap=(float(softcap), 0.0), alibi_slopes=(alibi_slopes, None),
             return_attn_probs=(return_attn_probs, False), block_table=(block_table, None))
     return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,

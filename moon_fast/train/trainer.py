@@ -135,7 +135,8 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
     dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "fp32": torch.float32,
              "bf16": torch.bfloat16}[cfg.train.dtype]
 
-    data_dir = resolve_data(cfg, info)
+    with _data_errors():  # the synthetic catalog the config names is generated here when missing
+        data_dir = resolve_data(cfg, info)
     cfg.data.path = str(data_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
