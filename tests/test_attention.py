@@ -301,6 +301,10 @@ def test_empty_inputs():
     q, k, v = make_qkv((0, 2, 16), (0, 2, 16), torch.float32)
     z = torch.zeros(1, dtype=torch.int32)
     assert flash_attention(q, k, v, cu_seqlens_q=z, cu_seqlens_k=z).shape == (0, 2, 16)
+    # no query rows but keys: k and v get zero gradients, not None (DDP expects every gradient)
+    q, k, v = make_qkv((0, 2, 16), (5, 2, 16), torch.float32)
+    flash_attention(q, k, v, cu_seqlens_q=torch.tensor([0, 0]), cu_seqlens_k=torch.tensor([0, 5])).sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
 
 
 # ----------------------------------------------------------------------------- torch_varlen

@@ -887,12 +887,16 @@ def test_auto_backend_on_cpu_is_cpu_then_torch(monkeypatch):
 
 
 def test_empty_batch():
+    """No tokens (a rank can get none): an empty output, and zero gradients for the weights, not None (DDP
+    expects a gradient for every parameter on every rank)."""
     hidden = torch.zeros(0, 8, requires_grad=True)
-    out = moe_mlp(hidden, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), torch.zeros(3, 8, 8),
-                  torch.zeros(3, 8, 4), backend="torch")
+    weight = torch.zeros(0, 2, requires_grad=True)
+    gate_up, down = torch.randn(3, 8, 8, requires_grad=True), torch.randn(3, 8, 4, requires_grad=True)
+    out = moe_mlp(hidden, torch.zeros(0, 2, dtype=torch.long), weight, gate_up, down, backend="torch")
     assert out.shape == (0, 8)
     out.sum().backward()
-    assert hidden.grad.shape == (0, 8)
+    assert hidden.grad.shape == (0, 8) and weight.grad.shape == (0, 2)
+    assert torch.equal(gate_up.grad, torch.zeros_like(gate_up)) and torch.equal(down.grad, torch.zeros_like(down))
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -286,8 +286,10 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q=N
     p = _validate(q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     impl = _resolve(backend, p)
     if q.numel() == 0:
-        # Nothing to compute (no tokens or an empty batch); keep the graph connected for autograd.
-        return q * 0.0
+        # Nothing to compute (no tokens or an empty batch). The output still depends on k and v, so that they
+        # get zero gradients rather than None (DDP, without find_unused_parameters, expects a gradient for
+        # every parameter on every rank); the added sums multiply to an empty tensor.
+        return q * 0.0 + (k.sum() + v.sum()) * 0.0
     return impl.fn(p)
 
 

@@ -145,8 +145,10 @@ def moe_mlp(hidden, expert_idx, expert_weight, gate_up_proj, down_proj, *, backe
     impl = BACKENDS.resolve(backend, hidden.device, order=_auto_order(hidden))
     if not (hidden.device.type == "cuda" and impl.name in _ROUTING_CHECKS_RANGE):
         _check_expert_range(expert_idx, gate_up_proj.shape[0])
-    if hidden.shape[0] == 0:  # no tokens: an empty output that still belongs to the graph
-        return hidden * 0
+    if hidden.shape[0] == 0:
+        # No tokens: an empty output that still belongs to the graph, and depends on the weights, so that
+        # they get zero gradients rather than None (DDP expects a gradient for every parameter on every rank).
+        return hidden * 0 + (expert_weight.sum() + gate_up_proj.sum() + down_proj.sum()) * 0
     expert_idx = expert_idx.long().contiguous()
     expert_weight = expert_weight.to(hidden.dtype).contiguous()
     with torch.autocast(hidden.device.type, enabled=False):
