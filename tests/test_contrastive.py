@@ -345,6 +345,8 @@ def test_multi_matches_separate_losses(backend, reduction, device):
     (lambda a: a.update(weight=torch.ones(3)), r"weight must have shape \(4,\)"),
     (lambda a: a.update(query_group=torch.zeros(4, dtype=torch.long)), "key_group is missing"),
     (lambda a: a.update(reduction="avg"), "reduction must be one of"),
+    (lambda a: a.update(chunk_size=0), "chunk_size must be >= 1, got 0"),  # 0 used to mean the default
+    (lambda a: a.update(query=torch.randint(0, 3, (4, 8))), r"bfloat16 or float64\), got torch.int64"),
 ])
 def test_bad_input_errors_name_the_argument(mutate, match):
     args = {"query": torch.randn(4, 8), "key": torch.randn(6, 8), "logit_scale": torch.tensor(10.0)}

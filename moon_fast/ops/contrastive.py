@@ -110,7 +110,8 @@ def _check_embeddings(name: str, x, device=None, dtype=None, dim=None) -> None:
     if x.dim() != 2:
         _fail(name, f"must be 2-D (n, D), got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
-        _fail(name, f"must be a floating tensor (float32, float16, bfloat16), got {x.dtype}; convert with .float()")
+        _fail(name, f"must be a floating tensor (float32, float16, bfloat16 or float64), got {x.dtype}; convert with "
+                    ".float()")
     if x.shape[0] == 0:
         _fail(name, "is an empty batch (0 rows): pass at least one row")
     if x.shape[1] == 0:

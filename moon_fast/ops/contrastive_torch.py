@@ -382,7 +382,7 @@ class ChunkedLoss(torch.autograd.Function):
 def chunked_problem(p: Problem, ops: TileOps, chunk_size: int | None = None, *, fast: bool | None = None):
     """(n_seg,) float32 losses of ``p``; see the module docstring. ``fast`` (default: torch tile ops
     and float32 inputs) selects the single-exp float32 path."""
-    chunk = int(chunk_size) if chunk_size else default_chunk(p.cols.shape[0])
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk(p.cols.shape[0])
     if chunk < 1:
         raise ValueError(f"contrastive_loss: chunk_size must be >= 1, got {chunk_size}")
     if fast is None:
