@@ -37,6 +37,8 @@ def test_presets_load_and_overrides_apply():
     ("optim.eps=-1", r"optim.eps=-1.0: must be a finite number > 0"),
     ("optim.beta1=5", r"optim.beta1=5.0: must be in \[0, 1\)"),
     ("optim.grad_clip=nan", "a finite grad_clip >= 0"),
+    ("distributed.deepspeed.train_batch_size=999", "distributed.deepspeed.train_batch_size is set from "
+                                                   "train.global_batch: set that instead"),
 ])
 def test_bad_values_raise_naming_the_key(override, message):
     if message is None:

@@ -299,6 +299,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 apply_overrides(MoonConfig(), copy.deepcopy(m.options))
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"model.options: {e}") from e
+    # The batch sizes DeepSpeed is given come from train.*: a different one merged in from distributed.deepspeed
+    # would fail DeepSpeed's own consistency assert (or silently change what a step is).
+    owned = {"train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.global_batch",
+             "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "optim.grad_clip"}
+    for key in sorted(set(d.deepspeed) & set(owned)):
+        raise ConfigError(f"distributed.deepspeed.{key} is set from {owned[key]}: set that instead")
     if t.global_batch % t.grad_accum:
         raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.grad_accum={t.grad_accum}")
     if world_size is not None:
