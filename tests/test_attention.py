@@ -236,6 +236,14 @@ def test_auto_on_cpu_is_torch_and_env_override(monkeypatch):
     monkeypatch.setenv("MOON_FAST_FLASH_ATTENTION_BACKEND", "flash_attn")
     with pytest.raises(BackendUnavailable, match="flash_attn"):
         flash_attention(q, k, v)
+    from moon_fast.ops.attention import BACKENDS
+
+    if BACKENDS.why_unavailable("triton", "cpu") is None:  # a forced backend that cannot take the input says why
+        monkeypatch.setenv("MOON_FAST_FLASH_ATTENTION_BACKEND", "triton")
+        big = make_qkv((1, 3, 1, 512), (1, 3, 1, 512), torch.float32, requires_grad=False)
+        with pytest.raises(BackendUnavailable, match=r"'triton' \(forced by MOON_FAST_FLASH_ATTENTION_BACKEND="
+                                                     r"triton\) cannot run this input: .*head dims up to 256"):
+            flash_attention(*big)
 
 
 def test_auto_passes_triton_over_for_fp32(monkeypatch):
@@ -421,6 +429,7 @@ def test_flash_attn_shims_match_and_reject_unsupported():
 
 @pytest.mark.parametrize("case,match", [
     ("heads", "multiple of the number of key/value heads"),
+    ("no_heads", "q has 0 heads and k/v 0: every input needs at least one head"),
     ("head_dim", "head dim"),
     ("kv_shape", "k and v must have the same shape"),
     ("dtype_mix", "share a dtype"),
@@ -442,6 +451,8 @@ def test_bad_input_errors(case, match):
     kw = {}
     if case == "heads":
         k, v = make_qkv((1, 8, 3, 16), (1, 8, 3, 16), torch.float32, requires_grad=False)[:2]
+    elif case == "no_heads":
+        q, k, v = make_qkv((1, 8, 0, 16), (1, 8, 0, 16), torch.float32, requires_grad=False)
     elif case == "head_dim":
         k, v = k[..., :8], v[..., :8]
     elif case == "kv_shape":

@@ -125,7 +125,9 @@ def _validate(q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_se
     hq, hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     if k.shape[-1] != d:
         raise ValueError(f"flash_attention: q head dim {d} != k/v head dim {k.shape[-1]}; they must match")
-    if hk == 0 or hq % hk != 0:
+    if hq == 0 or hk == 0:
+        raise ValueError(f"flash_attention: q has {hq} heads and k/v {hk}: every input needs at least one head")
+    if hq % hk != 0:
         raise ValueError(f"flash_attention: the number of query heads ({hq}) must be a multiple of the number of "
                          f"key/value heads ({hk}) for grouped-query attention")
     if d == 0:
@@ -260,7 +262,8 @@ def _resolve(backend: str, p: AttnProblem):
     chosen = BACKENDS.resolve(backend, dev)
     why = _SUPPORTS[chosen.name](p) if chosen.name in _SUPPORTS else None
     if why is not None:
-        raise BackendUnavailable(f"flash_attention: backend {chosen.name!r} cannot run this input: {why}")
+        forced = f" (forced by {BACKENDS.env_var}={os.environ[BACKENDS.env_var]})" if backend == "auto" else ""
+        raise BackendUnavailable(f"flash_attention: backend {chosen.name!r}{forced} cannot run this input: {why}")
     return chosen
 
 
