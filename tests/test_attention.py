@@ -501,3 +501,16 @@ def test_bad_flag_types(kwargs, match):
     q, k, v = make_qkv((1, 8, 4, 16), (1, 8, 2, 16), torch.float32, requires_grad=False)
     with pytest.raises(TypeError, match=match):
         flash_attention(q, k, v, **kwargs)
+
+
+def test_autocast_casts_q_k_v_like_a_matmul():
+    """Inside torch.autocast, flash_attention runs in the autocast dtype whatever mix it gets (transformers'
+    rotary embedding returns float32 q, k beside a bf16 v); outside it, mixed dtypes stay an error."""
+    q, k, v = make_qkv((1, 9, 2, 16), (1, 9, 2, 16), torch.float32, requires_grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flash_attention(q, k, v.bfloat16(), causal=True)
+    assert out.dtype == torch.bfloat16
+    want = flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True, backend="reference")
+    assert_close(out, want, **tolerance(torch.bfloat16), name="autocast")
+    with pytest.raises(ValueError, match="must share a dtype"):
+        flash_attention(q, k, v.bfloat16())

@@ -357,10 +357,14 @@ def test_parameter_and_flop_accounting():
     assert dense.flops_per_token(seq_len=10) < model.flops_per_token(seq_len=10)
 
 
-def test_compute_loss_under_autocast():
-    """bf16 autocast (the torch engine's mixed precision): MoE and loss run; result near fp32."""
+@pytest.mark.parametrize("attn", ["moon_fast", "sdpa"])
+def test_compute_loss_under_autocast(attn):
+    """bf16 autocast (the torch engine's mixed precision): attention (ours, the default, and transformers'
+    sdpa), MoE and loss run; result near fp32. Ours used to fail: the rotary embedding hands back float32 q, k
+    beside a bf16 v, and flash_attention did not cast as autocast does."""
+    torch.manual_seed(0)
     model = MoonModel.from_preset("tiny", moe={"num_shared_experts": 1},
-                                  backends={"attn_implementation": "sdpa"})
+                                  backends={"attn_implementation": attn})
     batch = make_triplet_batch(6, 3)
     ref = model.compute_loss(batch, progress=0.2).loss.item()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -44,7 +44,14 @@ from dataclasses import dataclass
 
 import torch
 
-from moon_fast.backends import BackendUnavailable, op_backends, package_unavailable, triton_unavailable
+from moon_fast.backends import (
+    BackendUnavailable,
+    _autocast_enabled,
+    autocast_inputs,
+    op_backends,
+    package_unavailable,
+    triton_unavailable,
+)
 
 # After our kernels, CUDA falls back to `torch` (SDPA per equal-length group, O(total) memory), not to `sdpa`,
 # whose packed path builds a total x total mask.
@@ -286,6 +293,11 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q=N
     Returns:
         Tensor shaped like q (same dtype), differentiable w.r.t. q, k, v.
     """
+    autocasting = isinstance(q, torch.Tensor) and _autocast_enabled(q.device.type)
+    if autocasting:
+        # Inside torch.autocast the op behaves like a matmul: q, k, v in the autocast dtype. (transformers'
+        # rotary embedding hands back float32 q and k beside a bf16 v there.)
+        q, k, v = autocast_inputs(q.device, q, k, v, policy="lower_precision")
     p = _validate(q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     impl = _resolve(backend, p)
     if q.numel() == 0:
@@ -293,6 +305,9 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens_q=N
         # get zero gradients rather than None (DDP, without find_unused_parameters, expects a gradient for
         # every parameter on every rank); the added sums multiply to an empty tensor.
         return q * 0.0 + (k.sum() + v.sum()) * 0.0
+    if autocasting:  # the backends see exactly the dtypes cast above
+        with torch.autocast(q.device.type, enabled=False):
+            return impl.fn(p)
     return impl.fn(p)
 
 
