@@ -125,6 +125,25 @@ def test_group_validation():
     with pytest.raises(ValueError, match="outside"):
         MoEConfig(num_experts=4, restrict="token", expert_groups={"text": [0, 1], "image": [2, 9]}).validate()
     MoEConfig(num_experts=4, top_k=2, restrict="token").validate()  # 2 + 2
+    # wrong types fail here, not inside torch at the first forward
+    with pytest.raises(ValueError, match="moe.top_k must be an integer, got 1.5"):
+        MoEConfig(num_experts=4, top_k=1.5).validate()
+    with pytest.raises(ValueError, match="moe.num_experts must be an integer, got '4'"):
+        MoEConfig(num_experts="4").validate()
+    with pytest.warns(UserWarning, match="top_k=1: the renormalised routing weight .* is always 1"):
+        MoEConfig(num_experts=4, top_k=1).validate()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"num_shared_experts": -1}, ValueError, "num_shared_experts must be >= 0"),
+    ({"num_shared_experts": 1, "shared_weight": 1.5}, ValueError, r"shared_weight .* must be in \[0, 1\)"),
+    ({"num_experts": 4.0}, TypeError, "num_experts must be an int, got 4.0"),
+])
+def test_layer_checks_its_own_arguments(kwargs, error, match):
+    """ModalityMoE built directly (without MoEConfig) checks what it would otherwise misuse: a negative
+    shared count divided by zero, a shared weight above 1 gave the routed experts a negative weight."""
+    with pytest.raises(error, match=match):
+        ModalityMoE(8, 4, **kwargs)
 
 
 @pytest.mark.parametrize("shared", [0, 1, 3])

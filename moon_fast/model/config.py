@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,10 +80,19 @@ class MoEConfig:
         return {name: list(range(bounds[i], bounds[i + 1])) for i, name in enumerate(names)}
 
     def validate(self) -> None:
+        for name in ("num_experts", "top_k", "num_shared_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"moe.{name} must be an integer, got {value!r}")
         if self.num_experts < 1:
             raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"moe.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.top_k == 1 and self.num_experts > 1:
+            warnings.warn("moe.top_k=1: the renormalised routing weight of the one chosen expert is always 1, so "
+                          "the training loss gives the router no gradient; it learns from the load-balancing "
+                          "loss (loss.aux_coef) alone. Use top_k >= 2 for a router the objectives train.",
+                          stacklevel=2)
         if self.num_shared_experts < 0:
             raise ValueError(f"moe.num_shared_experts must be >= 0, got {self.num_shared_experts}")
         if self.shared_expert_weight is not None and not 0.0 <= self.shared_expert_weight < 1.0:

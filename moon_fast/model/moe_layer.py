@@ -86,8 +86,16 @@ class ModalityMoE(nn.Module):
                  backend: str = "auto", initializer_range: float = 0.02,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
+        for name, value in (("num_experts", num_experts), ("top_k", top_k), ("num_shared_experts", num_shared_experts)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"ModalityMoE: {name} must be an int, got {value!r}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if num_shared_experts < 0:
+            raise ValueError(f"ModalityMoE: num_shared_experts must be >= 0, got {num_shared_experts}")
+        if shared_weight is not None and not 0.0 <= shared_weight < 1.0:
+            raise ValueError(f"ModalityMoE: shared_weight (the shared experts' share of the output) must be in "
+                             f"[0, 1), got {shared_weight}")
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k, self.num_shared_experts = num_experts, top_k, num_shared_experts
         if shared_weight is None:
