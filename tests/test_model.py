@@ -374,3 +374,31 @@ def test_compute_loss_under_autocast(attn):
     assert out.loss.item() == pytest.approx(ref, rel=0.05)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+
+
+def _mislabel(b):
+    b.query_modality = (b.query_modality + 1) % 3
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (_mislabel, "query_modality disagrees with the composition of the query samples"),
+    (lambda b: setattr(b, "query", b.query.clone().fill_(99)), r"query has rows outside the encoder's \d+ samples"),
+    (lambda b: setattr(b, "positive", b.positive.float()), "positive must be a 1-D integer tensor of length Q"),
+    (lambda b: setattr(b, "corrupted", torch.zeros(1, dtype=torch.bool)), "corrupted must be a 1-D integer tensor"),
+    (lambda b: setattr(b, "intra_text", b.intra_text[:-1]), "intra_text must be a 1-D integer tensor of length P"),
+])
+def test_compute_loss_checks_the_batch(mutate, match):
+    """A mislabelled or malformed TripletBatch is refused before the encoder runs (a wrong query_modality
+    used to train the wrong objective silently; bad rows failed with a bare IndexError inside the loss)."""
+    model = MoonModel.from_preset("tiny")
+    batch = make_triplet_batch(6, 3)
+    mutate(batch)
+    with pytest.raises(ValueError, match=match):
+        model.compute_loss(batch, progress=0.5)
+
+
+def test_compute_loss_checks_progress():
+    model = MoonModel.from_preset("tiny")
+    for bad in (float("nan"), None, 1.5):
+        with pytest.raises(ValueError, match="progress .* must be a number in \\[0, 1\\]"):
+            model.compute_loss(make_triplet_batch(6, 3), progress=bad)

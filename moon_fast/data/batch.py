@@ -88,6 +88,32 @@ class TripletBatch:
     intra_product_id: torch.Tensor
     corrupted: torch.Tensor | None = None
 
+    def check(self) -> None:
+        """ValueError naming the field when an index tensor is not integer, points outside the encoder's
+        samples, or disagrees with what it indexes (a query's modality and its sample's composition; the
+        (Q,) and (P,) lengths). A mislabelled batch otherwise trains the wrong objective silently, or fails
+        with a bare IndexError deep inside the loss."""
+        n = self.encoder.composition.shape[0]
+        q = self.query.shape[0] if self.query.dim() == 1 else -1
+        p = self.intra_image.shape[0] if self.intra_image.dim() == 1 else -1
+        lengths = {"query": q, "query_modality": q, "positive": q, "negative": q, "positive_product_id": q,
+                   "negative_product_id": q, "intra_image": p, "intra_text": p, "intra_product_id": p}
+        if self.corrupted is not None:
+            lengths["corrupted"] = q
+        for name, want in lengths.items():
+            t = getattr(self, name)
+            if t.dim() != 1 or t.shape[0] != want or t.is_floating_point() or t.is_complex():
+                raise ValueError(f"TripletBatch.{name} must be a 1-D integer tensor of length "
+                                 f"{'Q' if want == q else 'P'} = {want}, got {t.dtype} of shape {tuple(t.shape)}")
+        for name in ("query", "positive", "negative", "intra_image", "intra_text"):
+            t = getattr(self, name)
+            if t.numel() and not bool(((t >= 0) & (t < n)).all()):
+                raise ValueError(f"TripletBatch.{name} has rows outside the encoder's {n} samples")
+        if q and not bool((self.query_modality == self.encoder.composition[self.query]).all()):
+            raise ValueError("TripletBatch.query_modality disagrees with the composition of the query samples "
+                             "(encoder.composition[query]): the objectives would be weighted for the wrong "
+                             "modality")
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TripletBatch:
         out = {}
         for f in fields(self):

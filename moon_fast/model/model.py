@@ -353,6 +353,9 @@ class MoonModel(nn.Module):
         expert z, averaged over MoE layers), ``dsf/kept_frac``, ``dsf/mean_weight``,
         ``dsf/mean_phi``, ``dsf/margin`` (and ``dsf/kept_frac_corrupted`` / ``_clean`` when the
         batch marks corrupted triplets), ``logit_scale/inter``, ``logit_scale/intra``."""
+        batch.check()
+        if not (isinstance(progress, int | float) and 0.0 <= progress <= 1.0):
+            raise ValueError(f"compute_loss: progress (step / total steps) must be a number in [0, 1], got {progress!r}")
         emb = self._encode(batch.encoder)
         try:
             # The objectives run in float32 (embeddings, logit scales, W*, routing statistics are
