@@ -74,3 +74,23 @@ def test_moon_fast_malloc_rejects_unknown_values():
                           timeout=120, env={**os.environ, "MOON_FAST_MALLOC": "jemalloc"})
     assert proc.returncode != 0
     assert "MOON_FAST_MALLOC='jemalloc': must be one of ('tcmalloc', 'glibc')" in proc.stderr
+
+
+_PEAK_AFTER_RESET = """
+import torch
+from moon_fast.bench.harness import _peak_rss_bytes, _reset_peak_rss
+x = torch.ones(16 << 20)  # 64 MiB, as a warm-up call would leave freed behind it
+del x
+_reset_peak_rss()
+base = _peak_rss_bytes()
+y = torch.ones(16 << 20)  # the measured call's own 64 MiB
+print((_peak_rss_bytes() - base) >> 20)
+"""
+
+
+@pytest.mark.parametrize("preload", [pytest.param(TCMALLOC, marks=needs_tcmalloc, id="tcmalloc"),
+                                     pytest.param("", id="glibc")])
+def test_bench_peak_memory_sees_a_block_the_warm_up_freed(preload):
+    """The bench's peak-RSS reset returns freed memory to the OS under either malloc, so a call that allocates
+    what its warm-up freed shows it (under tcmalloc, before its release call, it read 0 MiB)."""
+    assert int(_run(_PEAK_AFTER_RESET, LD_PRELOAD=preload or "")) >= 60

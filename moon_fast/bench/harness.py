@@ -217,16 +217,22 @@ def _peak_rss_bytes() -> int:
 
 
 def _reset_peak_rss() -> None:
-    """Returns freed heap memory to the OS (glibc ``malloc_trim``: otherwise memory freed by the
-    warm-up call stays resident, inflates the baseline and hides the workload's peak) and resets the
-    kernel's peak-RSS mark (Linux >= 4.0), so that a transient peak while building the inputs does not
-    hide the workload's own peak either. Best effort on other systems."""
-    try:
-        import ctypes
+    """Returns freed heap memory to the OS (otherwise memory freed by the warm-up call stays resident,
+    inflates the baseline and hides the workload's peak) and resets the kernel's peak-RSS mark
+    (Linux >= 4.0), so that a transient peak while building the inputs does not hide the workload's own
+    peak either. Best effort on other systems.
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    Both allocators moon-fast runs under: glibc's ``malloc_trim``, and tcmalloc's (which moon_fast/cli.py
+    preloads by default) ``MallocExtension_ReleaseFreeMemory``. Under tcmalloc ``malloc_trim`` does
+    nothing, and the CPU memory column read about 0 for every case (the warm-up's freed memory stayed in
+    tcmalloc's page heap, and the timed call reused it)."""
+    import ctypes
+
+    for lib, fn, args in (("libc.so.6", "malloc_trim", (0,)), (None, "MallocExtension_ReleaseFreeMemory", ())):
+        try:
+            getattr(ctypes.CDLL(lib), fn)(*args)
+        except (OSError, AttributeError):  # not this allocator (or not Linux)
+            pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
