@@ -103,6 +103,15 @@ def test_data_errors_are_reported_not_raised_raw(run, tmp_path):
         trainer.train(cfg, tmp_path / "synth")
 
 
+def test_base_config_needs_a_checkpoint(run, catalog, tmp_path):
+    """`--config base` without model.backbone_checkpoint used to train the tiny random-init model for 10,000
+    steps, silently; its preset is now null, and a run needs a model source."""
+    cfg = load_config("base", [f"data.path={catalog}", "train.max_steps=1", "distributed.engine=torch"])
+    assert cfg.model.preset is None
+    with pytest.raises(ConfigError, match="^model: set model.backbone_checkpoint"):
+        trainer.train(cfg, tmp_path / "base")
+
+
 def test_a_failing_rank_leaves_without_the_barrier(monkeypatch):
     """teardown(failed=True) must not wait in a barrier the other ranks may never reach; train() passes it
     when _train raises."""

@@ -21,12 +21,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """preset: a named random-init backbone (moon_fast.model presets, e.g. "tiny");
+    """preset: a named random-init backbone (moon_fast.model presets, e.g. "tiny"; null in configs that
+    need a real checkpoint, so that a run without one fails instead of training a toy model);
     pretrained: a saved MoonModel directory to continue from; backbone_checkpoint: a local Qwen2(.5)-VL
     checkpoint directory to build the model from; options: MoonConfig overrides (moe.*, loss.*,
     embedding.*, backends.*); activation_checkpointing: recompute decoder layers in the backward."""
 
-    preset: str = "tiny"
+    preset: str | None = "tiny"
     pretrained: str | None = None
     backbone_checkpoint: str | None = None
     options: dict = field(default_factory=dict)

@@ -53,6 +53,9 @@ def build_model(cfg: Config):
 
     opts = copy.deepcopy(cfg.model.options)
     m = cfg.model
+    if not (m.pretrained or m.backbone_checkpoint or m.preset):
+        raise ConfigError("model: set model.backbone_checkpoint (a local Qwen2-VL / Qwen2.5-VL directory), "
+                          "model.pretrained (a saved MoonModel) or model.preset (a random-init backbone)")
     if m.pretrained:
         model = MoonModel.from_pretrained(m.pretrained)
         if opts:
@@ -151,6 +154,8 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
     random.seed(seed)
     try:
         model = build_model(cfg)
+    except ConfigError:
+        raise
     except ValueError as e:  # the model's own checks (options, a damaged checkpoint): a config problem here
         raise ConfigError(f"model: {e}") from e
     with _data_errors():  # with no tokenizer.json, one is trained on the catalog's text
@@ -192,7 +197,7 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
     loader = Prefetcher(loader, enabled=cfg.data.prefetch)
     max_steps = cfg.train.max_steps
     peak, peak_src = device_peak(info.device, dtype)
-    _say(info, f"training {cfg.model.preset if not cfg.model.pretrained else cfg.model.pretrained} on {data_dir}: "
+    _say(info, f"training {cfg.model.pretrained or cfg.model.backbone_checkpoint or cfg.model.preset} on {data_dir}: "
                f"{len(catalog)} products, world {info.world} x micro {mb} x accum {cfg.train.grad_accum} = global "
                f"{cfg.train.global_batch}, {engine_kind} ZeRO-{cfg.distributed.zero_stage}, {dtype}, "
                f"{info.device}, params {n_params}, peak {peak:.3g} TFLOP/s ({peak_src})")
