@@ -105,14 +105,20 @@ class TripletBatch:
             if t.dim() != 1 or t.shape[0] != want or t.is_floating_point() or t.is_complex():
                 raise ValueError(f"TripletBatch.{name} must be a 1-D integer tensor of length "
                                  f"{'Q' if want == q else 'P'} = {want}, got {t.dtype} of shape {tuple(t.shape)}")
-        for name in ("query", "positive", "negative", "intra_image", "intra_text"):
-            t = getattr(self, name)
-            if t.numel() and not bool(((t >= 0) & (t < n)).all()):
+        # One host synchronisation for all the value checks (a training step makes this call on the GPU);
+        # the failing one is looked for only when something failed.
+        rows = ("query", "positive", "negative", "intra_image", "intra_text")
+        in_range = [((getattr(self, name) >= 0) & (getattr(self, name) < n)).all() for name in rows]
+        query = self.query.clamp(0, max(n - 1, 0))  # indexing with a bad row would raise before the message
+        modality = (self.query_modality == self.encoder.composition[query]).all() if q and n else None
+        checks = in_range + ([modality] if modality is not None else [])
+        if bool(torch.stack(checks).all()):
+            return
+        for name, ok in zip(rows, in_range):
+            if not bool(ok):
                 raise ValueError(f"TripletBatch.{name} has rows outside the encoder's {n} samples")
-        if q and not bool((self.query_modality == self.encoder.composition[self.query]).all()):
-            raise ValueError("TripletBatch.query_modality disagrees with the composition of the query samples "
-                             "(encoder.composition[query]): the objectives would be weighted for the wrong "
-                             "modality")
+        raise ValueError("TripletBatch.query_modality disagrees with the composition of the query samples "
+                         "(encoder.composition[query]): the objectives would be weighted for the wrong modality")
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TripletBatch:
         out = {}
