@@ -58,6 +58,7 @@ def test_resumes_that_cannot_continue_exactly_are_refused(run, tmp_path):
         run(resume=True)
     with pytest.raises(ConfigError, match="trained with train.global_batch=8, this run asks for 4"):
         run("train.max_steps=2", "train.global_batch=4", resume=True)
+    assert not (tmp_path / "run" / "config.resume.yaml").exists()  # written only by a resume that runs
     assert run("train.max_steps=2", resume=True)["steps"] == 2
 
 
@@ -98,6 +99,7 @@ def test_data_errors_are_reported_not_raised_raw(run, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="data: no products manifest in .*empty"):
         run(f"data.path={tmp_path / 'empty'}")
+    assert not (tmp_path / "run").exists()  # a refused start leaves no run directory holding only config.yaml
     cfg = load_config("ci", ["data.synth_products=3", "train.max_steps=1", "distributed.engine=torch"])
     with pytest.raises(ConfigError, match="data: products=3: need at least 10 products"):  # generated at start
         trainer.train(cfg, tmp_path / "synth")
@@ -110,6 +112,7 @@ def test_base_config_needs_a_checkpoint(run, catalog, tmp_path):
     assert cfg.model.preset is None
     with pytest.raises(ConfigError, match="^model: set model.backbone_checkpoint"):
         trainer.train(cfg, tmp_path / "base")
+    assert not (tmp_path / "base").exists()
 
 
 def test_a_failing_rank_leaves_without_the_barrier(monkeypatch):

@@ -141,12 +141,6 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
     with _data_errors():  # the synthetic catalog the config names is generated here when missing
         data_dir = resolve_data(cfg, info)
     cfg.data.path = str(data_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / ("config.yaml" if not resume else "config.resume.yaml"))
-        if resume and not (out / "config.yaml").exists():
-            save_config(cfg, out / "config.yaml")
-    barrier()
 
     seed = cfg.train.seed
     torch.manual_seed(seed)
@@ -202,6 +196,14 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
                f"{cfg.train.global_batch}, {engine_kind} ZeRO-{cfg.distributed.zero_stage}, {dtype}, "
                f"{info.device}, params {n_params}, peak {peak:.3g} TFLOP/s ({peak_src})")
 
+    # Written once the model, data and checkpoint are known to load: a run refused above leaves no directory
+    # holding only a config.yaml, and a refused --resume no config.resume.yaml.
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / ("config.yaml" if not resume else "config.resume.yaml"))
+        if resume and not (out / "config.yaml").exists():
+            save_config(cfg, out / "config.yaml")
+    barrier()
     writer = MetricsWriter(out, info.is_main, cfg.train.tensorboard, resume)
     if resume:
         writer.truncate_after(start)
