@@ -70,7 +70,21 @@ def test_eval_errors(run_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"product_id": "x", "title": "t"}) + "\n")
     assert main(["eval", "--checkpoint", str(run), "--data", str(bad), "--output", str(tmp_path / "o.json")]) == 2
-    assert "lacks image, category" in capsys.readouterr().err
+    assert "record 0 (product x): missing field 'image', 'category'" in capsys.readouterr().err
+    # the data layer's field checks: these used to pass the eval's own check and fail later as tracebacks
+    for rec, message in (({"product_id": "y", "title": "t", "image": "a.png", "category": "c", "attributes": ["red"]},
+                          "'attributes' should be an object"),
+                         ({"product_id": "z", "title": "t", "image": "a.png", "category": "c", "query_text": 3},
+                          "field 'query_text' should be a string"),
+                         (3, "record 0: expected an object, got int")):
+        bad.write_text(json.dumps(rec) + "\n")
+        assert main(["eval", "--checkpoint", str(run), "--data", str(bad), "--output", str(tmp_path / "o.json")]) == 2
+        assert message in capsys.readouterr().err
+    for text, message in (('{"title": "t"}', "expected a JSON list of records or one record per line, got a dict"),
+                          ('[{"title": "t"},', "bad.json:1: malformed JSON")):
+        (tmp_path / "bad.json").write_text(text)
+        assert main(["eval", "--checkpoint", str(run), "--data", str(tmp_path / "bad.json")]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_eval_bad_options_fail_before_the_evaluation(run_dir, tmp_path, capsys):
@@ -105,4 +119,9 @@ def test_eval_corrupt_files_are_named(run_dir, tmp_path, capsys):
     for text, message in (('{"t2i": ', "is not valid JSON"), ("[1, 2]", "is not an eval result")):
         (tmp_path / "bad.json").write_text(text)
         assert main(["eval", "--compare", str(tmp_path / "bad.json")]) == 2
+        assert message in capsys.readouterr().err
+    for text, message in (('{"title": "t"}', "expected a JSON list of records or one record per line, got a dict"),
+                          ('[{"title": "t"},', "bad.json:1: malformed JSON")):
+        (tmp_path / "bad.json").write_text(text)
+        assert main(["eval", "--checkpoint", str(run), "--data", str(tmp_path / "bad.json")]) == 2
         assert message in capsys.readouterr().err

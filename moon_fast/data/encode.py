@@ -23,7 +23,10 @@ def load_records(path: str | os.PathLike) -> list[dict]:
         raise BadRecordError(f"{p}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8",
                              cause="not UTF-8") from e
     if p.suffix == ".json" or text.lstrip().startswith("["):
-        recs = json.loads(text)
+        try:
+            recs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadRecordError(f"{p}:{e.lineno}: malformed JSON ({e.msg})", cause="malformed JSON") from e
     else:
         recs = []
         for i, line in enumerate(text.splitlines()):
@@ -32,9 +35,12 @@ def load_records(path: str | os.PathLike) -> list[dict]:
                     recs.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise BadRecordError(f"{p}:{i + 1}: malformed JSON ({e.msg})", cause="malformed JSON") from e
+    if not isinstance(recs, list):
+        raise BadRecordError(f"{p}: expected a JSON list of records or one record per line, got a "
+                             f"{type(recs).__name__}", cause="not a list")
     for r in recs:
         for k in ("image", "query_image"):
-            if isinstance(r.get(k), str):
+            if isinstance(r, dict) and isinstance(r.get(k), str):
                 r[k] = resolve(p.parent, r[k])
     return recs
 
@@ -59,23 +65,32 @@ def check_records(path: str | os.PathLike, bad: BadRecordCounter) -> int:
 
 
 def _check_record(rec, p: Path, where: str) -> None:
+    image = check_record_fields(rec, where)
+    where = f"{where} (product {rec.get('product_id', '?')})"
+    for key, img in (("image", image), ("query_image", rec.get("query_image"))):
+        if img:
+            load_image(resolve(p.parent, img), f"{where} ({key})")
+
+
+def check_record_fields(rec, where: str) -> str:
+    """Raises BadRecordError unless ``rec`` is an MBE record: an object with a title, an image and a
+    category, ``attributes`` an object, query fields strings. Images are not opened. Returns its image."""
     if not isinstance(rec, dict):
         raise BadRecordError(f"{where}: expected an object, got {type(rec).__name__}", cause="not an object")
     where = f"{where} (product {rec.get('product_id', '?')})"
     images = rec.get("images")
     image = rec.get("image") or (images[0] if isinstance(images, list) and images else None)
-    for key, value in (("title", rec.get("title")), ("image", image), ("category", rec.get("category"))):
-        if not (isinstance(value, str) and value.strip()):
-            raise BadRecordError(f"{where}: missing field '{key}' (MBE records need title, image and category)",
-                                 cause="missing field")
+    missing = [key for key, value in (("title", rec.get("title")), ("image", image), ("category", rec.get("category")))
+               if not (isinstance(value, str) and value.strip())]
+    if missing:
+        raise BadRecordError(f"{where}: missing field {', '.join(repr(k) for k in missing)} (MBE records need "
+                             "title, image and category)", cause="missing field")
     if not isinstance(rec.get("attributes") or {}, dict):
         raise BadRecordError(f"{where}: 'attributes' should be an object of name: value", cause="invalid field")
     for key in ("query_text", "query_image"):
         if rec.get(key) is not None and not isinstance(rec[key], str):
             raise BadRecordError(f"{where}: field '{key}' should be a string", cause="invalid field")
-    for key, img in (("image", image), ("query_image", rec.get("query_image"))):
-        if img:
-            load_image(resolve(p.parent, img), f"{where} ({key})")
+    return image
 
 
 def _record_fields(r: dict, side: str) -> tuple[str | None, str | None]:

@@ -169,14 +169,13 @@ def evaluate_embeddings(query: dict[str, torch.Tensor], product: dict[str, torch
 
 
 def _check_records(records: list[dict], source) -> None:
+    """The data layer's field checks, record by record; the images are opened when they are embedded."""
+    from moon_fast.data.encode import check_record_fields
+
     if not records:
         raise ValueError(f"{source}: no records to evaluate")
     for i, r in enumerate(records):
-        missing = [k for k in ("title", "image", "category")
-                   if not (r.get(k) or (k == "image" and r.get("images")))]
-        if missing:
-            raise ValueError(f"{source}: record {i} (product {r.get('product_id', '?')}) lacks {', '.join(missing)}; "
-                             "MBE records need title, image (a local path), category and attributes")
+        check_record_fields(r, f"{source}: record {i}")
 
 
 @torch.no_grad()
