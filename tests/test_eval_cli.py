@@ -31,6 +31,7 @@ def _check_shape(res: dict, n: int):
     for t in RETRIEVAL:
         m = res[t]
         assert m["n_queries"] == m["n_candidates"] == n
+        assert m["n_query_fallback"] == 0  # the synthetic records have queries of their own
         assert 0 <= m["recall@1"] <= m["recall@5"] <= m["recall@10"] <= 1
         assert 1 / n <= m["mrr"] <= 1
         assert m["recall@10"] == 1.0 if n <= 10 else True  # k >= candidates
@@ -61,6 +62,25 @@ def test_eval_model_dir_with_data_and_limit(run_dir, tmp_path):
     res = json.loads(out.read_text())
     assert set(res) == {"t2i", "classification"}
     assert res["t2i"]["n_candidates"] == 3 and res["t2i"]["recall@5"] == 1.0
+
+
+def test_eval_counts_and_warns_about_queries_that_fall_back(run_dir, tmp_path):
+    """A record without query_text / query_image is queried by its own title / image, which its candidate
+    holds: easier than a real query. Each retrieval task counts those queries, and a warning says so."""
+    from moon_fast.eval import evaluate_checkpoint
+
+    run, cat = run_dir
+    records = [json.loads(line) for line in (cat / "heldout.jsonl").read_text().splitlines() if line.strip()][:6]
+    for r in records:
+        r["image"] = str(cat / r["image"])
+        r["query_image"] = str(cat / r["query_image"])
+    del records[0]["query_text"], records[1]["query_text"]
+    records[2]["query_image"] = None
+    data = tmp_path / "partial.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.warns(UserWarning, match="t2mm 2, i2mm 1, mm2mm 3, t2i 2, i2t 1 of 6; those retrieval figures"):
+        res = evaluate_checkpoint(run, data=data, verbose=False)
+    assert {t: res[t]["n_query_fallback"] for t in RETRIEVAL} == {"t2mm": 2, "i2mm": 1, "mm2mm": 3, "t2i": 2, "i2t": 1}
 
 
 def test_eval_errors(run_dir, tmp_path, capsys):

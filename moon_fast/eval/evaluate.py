@@ -15,7 +15,8 @@ Tasks, each from the records' own fields (one record = one product):
   ``accuracy/<name>`` per attribute.
 
 The result is ``{task: {metric: value}}``; ``n_queries`` / ``n_candidates`` / ``n_samples`` /
-``n_labels`` say how large each task was.
+``n_labels`` say how large each task was, and ``n_query_fallback`` how many queries fell back to the
+product's own title / image (a warning says so: such queries are easier than real ones).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -228,6 +230,7 @@ def evaluate_checkpoint(checkpoint, data=None, output=None, batch_size: int = 64
     results = evaluate_embeddings(query, product, category_proto=cat_proto, categories=categories,
                                   true_category=[r["category"] for r in records], attribute_proto=attr_proto,
                                   true_attributes=[r.get("attributes") or {} for r in records], tasks=tasks)
+    _note_query_fallbacks(results, records)
     if verbose:
         print(f"evaluated {model_dir} on {len(records)} records of {data_file} in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -236,6 +239,24 @@ def evaluate_checkpoint(checkpoint, data=None, output=None, batch_size: int = 64
         with open(output, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def _note_query_fallbacks(results: dict, records: list[dict]) -> None:
+    """Records without ``query_text`` / ``query_image`` are queried by their own title / image, which their
+    candidates contain: those retrieval figures are easier than with real queries. Each retrieval task gets
+    ``n_query_fallback`` (queries that fell back), and a warning says so when there are any."""
+    needs = {"t": ("query_text",), "i": ("query_image",), "mm": ("query_text", "query_image")}
+    flagged = []
+    for task, (comp, _) in RETRIEVAL_TASKS.items():
+        if task in results:
+            n = sum(1 for r in records if not all(r.get(k) for k in needs[comp]))
+            results[task]["n_query_fallback"] = n
+            if n:
+                flagged.append(f"{task} {n}")
+    if flagged:
+        warnings.warn(f"queries that fell back to the product's own title / image (no query_text / query_image in "
+                      f"the record): {', '.join(flagged)} of {len(records)}; those retrieval figures overstate what "
+                      "real queries would give", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- presenting
