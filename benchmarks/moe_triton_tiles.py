@@ -117,10 +117,12 @@ def main(argv=None) -> int:
     print("\nbest per launch:")
     for (name, t, e), row in best.items():
         print(f"  {name:14s} T={t} E={e}: {row['config']} {row['ms']:.3f} ms, {row['pct_of_dense']:.1f}% of dense")
-    # the first shape's best, as $MOON_FAST_MOE_TILES takes it (kernels/moe.py tile_sizes)
+    # the first shape's best, as $MOON_FAST_MOE_TILES takes it (kernels/moe.py tile_sizes), keyed by the
+    # dtype so that it leaves the other dtypes' tiles alone
     first = next(iter(best))[1:] if best else None
     with open(os.path.join(args.out, f"best_tiles_{tag}.json"), "w") as f:
-        json.dump({name: row["config"] for (name, *shape), row in best.items() if tuple(shape) == first}, f)
+        json.dump({args.dtype: {name: row["config"] for (name, *shape), row in best.items()
+                                if tuple(shape) == first}}, f)
     return 0
 
 

@@ -121,8 +121,9 @@ def tile_sizes(dtype: torch.dtype, aligned: bool = True, hopper: bool = True) ->
     projection (swiglu_up's accumulator is (BM, 2 BN), dh_swiglu's (BM, BN)). ``aligned``: the widths H and
     I are multiples of 16 (see _UNALIGNED_TILES).
     ``hopper``: the GPU is sm_90 or later (else _PRE_HOPPER_TILES in 16-bit).
-    ``$MOON_FAST_MOE_TILES`` (JSON {launch: [BM, BN, BK, warps, stages]}) overrides launches on a GPU, for
-    tuning."""
+    ``$MOON_FAST_MOE_TILES`` overrides launches on a GPU, for tuning: JSON {launch: [BM, BN, BK, warps,
+    stages]} for every dtype, or {dtype: {launch: [...]}} (dtype "fp32" / "fp16" / "bf16") for the dtypes
+    it names, as benchmarks/moe_triton_tiles.py writes it (16-bit tiles overflow fp32's shared memory)."""
     if interpreting():
         return {name: _tiles(16, 16, 16, 4, 1) for name in LAUNCHES}
     if dtype == torch.float32:
@@ -152,11 +153,20 @@ def tile_sizes(dtype: torch.dtype, aligned: bool = True, hopper: bool = True) ->
     if override:
         try:
             table = json.loads(override)
-            out.update({name: _tiles(*table[name]) for name in table if name in out})
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"${TILES_ENV} must be JSON {{launch: [BM, BN, BK, num_warps, num_stages]}} with "
-                             f"launches among {LAUNCHES}; got {override!r} ({exc})") from exc
+            if set(table) <= set(_DTYPE_NAMES.values()):  # keyed by dtype: only this dtype's entry applies
+                table = table.get(_DTYPE_NAMES[dtype], {})
+            unknown = set(table) - set(LAUNCHES)
+            if unknown:
+                raise ValueError(f"unknown launches {sorted(unknown)}")
+            out.update({name: _tiles(*table[name]) for name in table})
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise ValueError(f"${TILES_ENV} must be JSON {{launch: [BM, BN, BK, num_warps, num_stages]}} or "
+                             f"{{dtype: {{launch: [...]}}}} (dtypes {sorted(_DTYPE_NAMES.values())}) with launches "
+                             f"among {LAUNCHES}; got {override!r} ({exc})") from exc
     return out
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def plan_tiles(dtype: torch.dtype, hidden: int, inter: int, hopper: bool = True) -> dict[str, dict]:

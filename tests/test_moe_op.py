@@ -808,9 +808,18 @@ def test_triton_tiles_per_launch_and_their_override(monkeypatch):
     tiles = moe_triton.tile_sizes(torch.bfloat16)
     assert tiles["dx"] == {"BM": 64, "BN": 32, "BK": 16, "num_warps": 4, "num_stages": 2}
     assert {k: v for k, v in tiles.items() if k != "dx"} == {k: v for k, v in base.items() if k != "dx"}
-    monkeypatch.setenv(moe_triton.TILES_ENV, '{"dx": [64, 32]}')
-    with pytest.raises(ValueError, match="MOON_FAST_MOE_TILES must be JSON"):
-        moe_triton.tile_sizes(torch.bfloat16)
+    # keyed by dtype (what benchmarks/moe_triton_tiles.py writes): the other dtypes keep their tiles; 16-bit
+    # tiles applied to fp32 overflowed its shared memory on the H100 (tests_moe_best_tiles_override_28faba1.txt)
+    monkeypatch.setenv(moe_triton.TILES_ENV, '{"bf16": {"dx": [64, 32, 16, 4, 2]}}')
+    assert moe_triton.tile_sizes(torch.bfloat16) == tiles
+    monkeypatch.delenv(moe_triton.TILES_ENV)
+    fp32 = moe_triton.tile_sizes(torch.float32)
+    monkeypatch.setenv(moe_triton.TILES_ENV, '{"bf16": {"dx": [64, 32, 16, 4, 2]}}')
+    assert moe_triton.tile_sizes(torch.float32) == fp32
+    for bad in ('{"dx": [64, 32]}', '{"dxx": [64, 32, 16, 4, 2]}', '{"bf16": [1, 2]}', '[1]'):
+        monkeypatch.setenv(moe_triton.TILES_ENV, bad)
+        with pytest.raises(ValueError, match="MOON_FAST_MOE_TILES must be JSON"):
+            moe_triton.tile_sizes(torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
