@@ -133,6 +133,18 @@ def test_seqlen_q_differs_from_k(backend, sq, sk, causal):
     check_against_reference(backend, q, k, v, causal=causal)
 
 
+@pytest.mark.parametrize("sq,sk", [(37, 50), (32, 33), (5, 70)])
+def test_causal_mask_in_several_chunks(sq, sk, monkeypatch):
+    """The torch backend builds the bottom-right causal mask of Sq < Sk in chunks of _MASK_CHUNK_ROWS query
+    rows (1024): shrunk to 8 here, so every chunk after the first, and a short last one, run against the
+    reference, forward and backward."""
+    from moon_fast.ops import attention_torch
+
+    monkeypatch.setattr(attention_torch, "_MASK_CHUNK_ROWS", 8)
+    q, k, v = make_qkv((2, sq, 4, 32), (2, sk, 2, 32), torch.float32, seed=sq + sk)
+    check_against_reference("torch", q, k, v, causal=True)
+
+
 def test_seqlen_q_differs_from_k_low_precision():
     q, k, v = make_qkv((1, 40, 4, 64), (1, 130, 2, 64), torch.bfloat16, seed=7)
     check_against_reference("torch", q, k, v, causal=True)
