@@ -733,6 +733,28 @@ def test_frozen_weights_and_int32_indices(backend):
     assert hidden.grad is not None and weight.grad is not None and weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda_emu"])
+@pytest.mark.parametrize("wanted", [("hidden",), ("weight",), ("hidden", "weight"), ("gate_up", "down"),
+                                    ("down",), ("hidden", "gate_up")], ids="+".join)
+def test_gradients_of_a_subset_match_reference(backend, wanted):
+    """When only some inputs need gradients (frozen experts, a frozen router), the backward skips the
+    others' products: the gradients it does compute must still be the reference's (the scale and SwiGLU
+    terms they share with the skipped ones are easy to drop with them)."""
+    _skip_unavailable(backend)
+    tensors, idx, grad_out = make_inputs(23, 16, 12, 4, 2, "skip_expert", torch.float32, seed=13)
+    ref = run("reference", tensors, idx, grad_out)
+    names = ("hidden", "weight", "gate_up", "down")
+    leaves = [x.detach().clone().requires_grad_(n in wanted) for n, x in zip(names, tensors)]
+    out = moe_mlp(*leaves[:1], idx, *leaves[1:], backend=backend)
+    out.backward(grad_out)
+    assert_close(out, ref[0], **tolerance(torch.float32, scale=3), name="out")
+    for n, leaf, r in zip(names, leaves, ref[1:]):
+        if n in wanted:
+            assert_close(leaf.grad, r, **tolerance(torch.float32, scale=3), name=f"d_{n}")
+        else:
+            assert leaf.grad is None
+
+
 def test_grouped_mm_and_loop_paths_agree(monkeypatch):
     """moe_gemm's two paths (torch grouped_mm with device offsets; per-expert loop) give one result,
     including an expert with no rows (its weight gradient must be exactly zero)."""
