@@ -91,6 +91,10 @@ def options(case: str, n: int, m: int, gen: torch.Generator) -> dict:
         "sym_perm_groups": {"symmetric": True, "target": perm, "query_group": qg, "key_group": kg},
         "all": {"symmetric": True, "target": tg, "query_group": qg, "key_group": kg, "weight": w},
         "all_rows": {"target": tg, "query_group": qg, "key_group": kg, "weight": w},
+        # one group (a batch from one category): a column that is nobody's positive is excluded by every row,
+        # so its column log-sum-exp is over nothing (-inf) and must contribute no gradient
+        "sym_all_excluded": {"symmetric": True, "target": (torch.arange(n) * 2).clamp(max=m - 1),
+                             "query_group": torch.zeros(n, dtype=torch.long), "key_group": torch.zeros(m, dtype=torch.long)},
     }[case]
 
 
@@ -224,6 +228,8 @@ def test_groups_exclude_false_negatives_by_hand():
     ("sym", "sum", 21, 21, 16, 14.3),
     ("targets", "none", 1, 7, 5, 50.0),
     ("all", "mean", 50, 70, 40, 100.0),
+    ("sym_all_excluded", "none", 4, 8, 16, 30.0),
+    ("sym_all_excluded", "mean", 23, 61, 17, 100.0),
 ])
 def test_backend_matches_reference_fp32(backend, case, reduction, n, m, d, scale, device):
     _skip_unavailable(backend, device)
