@@ -167,7 +167,11 @@ def test_kernels_compile_for_gpu_ahead_of_time(arch, triton_dir, tmp_path):
     expected = {(name, d) for _, d, _ in CI["attention"]
                 for name in ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel")}
     assert compiled == expected, kernels
+    dtype_of = {d: dt for dt, d, _ in CI["attention"]}
     for k in kernels:
+        # fp32: exact fp32 products, not TF32 (the interpreter ignores input_precision: only here is it seen)
+        if k["name"] != "_bwd_preprocess":
+            assert k["flags"]["PRECISION"] == ("ieee" if dtype_of[k["flags"]["HEAD_DIM"]] == "float32" else "tf32"), k
         if k["flags"].get("PRECISION") == "ieee":
             continue  # fp32 (exact dots): its forward and dk/dv kernels spill kilobytes; auto does not pick it
         if k["name"] == "_bwd_dkdv_kernel":

@@ -27,6 +27,9 @@ def test_triton_kernels_compile_for_gpu_ahead_of_time(arch, triton_dir, tmp_path
     # tiles, and the backward's K loop in chunks of 64 spilled 8-36 bytes (kernels/contrastive.py _gpu_config).
     for k in kernels:
         assert k["spills"] == 0, k
+        # fp32 embeddings: exact fp32 products, not TF32 (the interpreter ignores input_precision: only
+        # here is the launch's choice seen)
+        assert k["flags"]["PRECISION"] == ("ieee" if k["flags"]["COMPUTE"] == "fp32" else "tf32"), k
     # Hopper: every product of the 16-bit kernels (D <= 512) on wgmma with a group in flight. The kernels
     # that held a 32-row block's whole embedding used none, and ran at a tenth of cuBLAS's rate on an H100.
     if arch == 90:

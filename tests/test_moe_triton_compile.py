@@ -55,6 +55,9 @@ def test_moe_kernels_compile_for_gpu_ahead_of_time(arch, triton_dir, tmp_path):
             covered.add(kern["name"])
             continue
         covered.add((kern["name"], switches, flags["COMPUTE"], kern["aligned"]))
+        # exact fp32 products unless torch's own matmuls allow TF32 (off by default); the interpreter ignores
+        # input_precision, so only here is the launch's choice seen
+        assert flags["PRECISION"] == ("ieee" if flags["COMPUTE"] == "fp32" else "tf32"), kern
         descs = sum(int(bool(flags.get(name))) for name in ("W_DESC", "A_DESC", "B_DESC"))
         # each descriptor operand must become asynchronous TMA copies (one per pipeline stage in the loop and
         # the prologue), not ordinary loads
