@@ -402,3 +402,31 @@ def test_compute_loss_checks_progress():
     for bad in (float("nan"), None, 1.5):
         with pytest.raises(ValueError, match="progress .* must be a number in \\[0, 1\\]"):
             model.compute_loss(make_triplet_batch(6, 3), progress=bad)
+
+
+def test_activation_checkpointing_recomputes_and_keeps_the_gradients():
+    """model.activation_checkpointing (on in configs/base.yaml) through the trainer's build_model: the decoder
+    layers keep fewer activations for the backward and recompute them there, and the gradients are the ones
+    of the run without it (MoE routing and our attention recomputed; fp32, CPU: bitwise)."""
+    from moon_fast.train.config import load_config
+    from moon_fast.train.trainer import build_model
+
+    batch = make_triplet_batch(6, 3)
+
+    def step(checkpointing: bool):
+        torch.manual_seed(0)
+        cfg = load_config("ci", [f"model.activation_checkpointing={str(checkpointing).lower()}"])
+        model = build_model(cfg).train()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model.compute_loss(batch, progress=0.2).loss
+        loss.backward()
+        return loss.item(), sum(saved), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, saved, grads = step(False)
+    loss_ck, saved_ck, grads_ck = step(True)
+    assert loss_ck == loss
+    assert saved_ck < 0.7 * saved, (saved_ck, saved)  # what the forward kept for the backward
+    assert grads_ck.keys() == grads.keys()
+    for name, g in grads.items():
+        assert torch.equal(grads_ck[name], g), name

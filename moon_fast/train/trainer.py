@@ -67,11 +67,21 @@ def build_model(cfg: Config):
     else:
         model = MoonModel.from_preset(m.preset, **opts)
     if m.activation_checkpointing:
-        target = model if hasattr(model, "gradient_checkpointing_enable") else getattr(model, "backbone", None)
-        if target is None or not hasattr(target, "gradient_checkpointing_enable"):
-            raise ConfigError("model.activation_checkpointing: this model has no gradient_checkpointing_enable()")
-        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recomputes each decoder layer in the backward (transformers' checkpointing of its decoder layers,
+    non-reentrant) instead of keeping its activations. Newer transformers name it
+    ``activation_checkpointing_enable``; older versions ``gradient_checkpointing_enable``, now deprecated."""
+    target = getattr(model, "backbone", model)
+    for name, kwargs in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+                         ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):
+        if hasattr(target, name):
+            getattr(target, name)(**{kwargs: {"use_reentrant": False}})
+            return
+    raise ConfigError(f"model.activation_checkpointing: {type(target).__name__} does not support it")
 
 
 def build_tokenizer(cfg: Config, data_dir: Path):
