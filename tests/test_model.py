@@ -268,6 +268,15 @@ def test_clear_errors_on_bad_checkpoints(tmp_path):
     Qwen2VLModel(preset_backbone_config("tiny")).save_pretrained(str(plain))
     with pytest.raises(ValueError, match="from_backbone_checkpoint"):
         MoonModel.from_pretrained(str(plain))
+    # a checkpoint that lacks weights (a lost shard): transformers would initialise them at random, silently
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(plain / "model.safetensors"))
+    lost = sorted(k for k in weights if ".layers.1." in k)
+    save_file({k: v for k, v in weights.items() if k not in lost}, str(plain / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not hold the whole backbone .*missing \['language_model.layers.1"):
+        MoonModel.from_backbone_checkpoint(str(plain))
 
 
 def _corrupt_config_list(d):

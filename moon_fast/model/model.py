@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -120,7 +121,7 @@ class MoonModel(nn.Module):
             return cls.from_pretrained(path, dtype=dtype, **overrides)
         cfg = apply_overrides(MoonConfig(), overrides)
         _, model_cls = backbone_classes(model_type)
-        backbone = model_cls.from_pretrained(path, dtype=dtype if dtype is not None else "auto", local_files_only=True)
+        backbone = _load_backbone(model_cls, path, dtype)
         upcycle = True if cfg.moe.upcycle is None else bool(cfg.moe.upcycle)
         model = cls(backbone, cfg, upcycle=upcycle)
         model.source_dir = os.path.abspath(path)
@@ -497,6 +498,32 @@ def _numel(p: torch.Tensor) -> int:
 
 def _expert_numel(layer) -> int:
     return (_numel(layer.gate_up_proj) + _numel(layer.down_proj)) // (layer.num_experts + layer.num_shared_experts)
+
+
+def _load_backbone(model_cls, path: str, dtype):
+    """The backbone (no LM head) of a transformers checkpoint. Weights the checkpoint lacks, or holds in
+    another shape, are an error: transformers would initialise them at random and only log it. Its load
+    report is silenced: it lists the checkpoint's ``lm_head``, which an embedding model has no use for."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        backbone, info = model_cls.from_pretrained(path, dtype=dtype if dtype is not None else "auto",
+                                                   local_files_only=True, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    missing, mismatched = sorted(info.get("missing_keys") or ()), sorted(info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        raise ValueError(f"{path}: the checkpoint does not hold the whole backbone its config.json describes "
+                         f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, other shape "
+                         f"{[m[0] if isinstance(m, tuple) else m for m in mismatched[:5]]}); transformers would "
+                         "initialise those at random. Is a weight shard missing, or config.json from another model?")
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not k.startswith("lm_head."))
+    if unexpected:
+        warnings.warn(f"{path}: ignoring {len(unexpected)} checkpoint weights the backbone does not use "
+                      f"({unexpected[:5]}{'...' if len(unexpected) > 5 else ''})", stacklevel=3)
+    return backbone
 
 
 def _check_checkpoint_dir(path: str) -> str:
