@@ -38,6 +38,14 @@ def _ms(fn) -> float:
     return device_ms(fn, warmup=10, rep=60)
 
 
+def best_tiles(best: dict, dtype: str) -> dict:
+    """``best`` ({(launch, T, E): row}): the first shape's best config per launch, as $MOON_FAST_MOE_TILES
+    takes it (kernels/moe.py tile_sizes), keyed by ``dtype`` ("bf16") so that it leaves the other dtypes'
+    tiles alone."""
+    first = next(iter(best))[1:] if best else None
+    return {dtype: {name: row["config"] for (name, *shape), row in best.items() if tuple(shape) == first}}
+
+
 def sweep_shape(t, h, i, e, k, dtype, dev="cuda", tma=False) -> list[dict]:
     """tma: the launches with TMA descriptor loads ($MOON_FAST_MOE_TMA=1), whose best tiles may differ."""
     m = MoeLaunches(t, h, i, e, k, dtype, dev)
@@ -117,12 +125,8 @@ def main(argv=None) -> int:
     print("\nbest per launch:")
     for (name, t, e), row in best.items():
         print(f"  {name:14s} T={t} E={e}: {row['config']} {row['ms']:.3f} ms, {row['pct_of_dense']:.1f}% of dense")
-    # the first shape's best, as $MOON_FAST_MOE_TILES takes it (kernels/moe.py tile_sizes), keyed by the
-    # dtype so that it leaves the other dtypes' tiles alone
-    first = next(iter(best))[1:] if best else None
     with open(os.path.join(args.out, f"best_tiles_{tag}.json"), "w") as f:
-        json.dump({args.dtype: {name: row["config"] for (name, *shape), row in best.items()
-                                if tuple(shape) == first}}, f)
+        json.dump(best_tiles(best, args.dtype), f)
     return 0
 
 

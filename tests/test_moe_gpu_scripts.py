@@ -4,6 +4,7 @@ cannot break them unseen between GPU loans."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -50,6 +51,23 @@ def test_tile_sweep_runs_every_launch(dtype, tma, monkeypatch, capsys):
     assert all("error" not in r for r in rows), [r.get("error") for r in rows]
     parsed = [m["launch"] for m in map(moe_tile_rereads.LINE.search, capsys.readouterr().out.splitlines()) if m]
     assert parsed == list(moe_triton_tiles.CANDIDATES)
+
+
+def test_best_tiles_file_sets_only_its_dtype(monkeypatch):
+    """What the sweep writes as best_tiles_<dtype>.json, given to $MOON_FAST_MOE_TILES, changes that dtype's
+    launches and no other's (a flat bf16 table once reached fp32 and overflowed its shared memory)."""
+    import moe_triton_tiles
+    import moon_fast.kernels.moe as moe_kernels
+
+    monkeypatch.setattr(moe_kernels, "interpreting", lambda: False)  # the GPU tables, without a GPU
+    monkeypatch.delenv(moe_kernels.TILES_ENV, raising=False)
+    before = {dt: moe_kernels.tile_sizes(dt) for dt in (torch.bfloat16, torch.float32)}
+    best = {("dx", 16384, 8): {"config": [64, 64, 32, 4, 2], "ms": 1.0},
+            ("dx", 4096, 8): {"config": [32, 32, 32, 4, 2], "ms": 0.5}}  # the first shape's row wins
+    monkeypatch.setenv(moe_kernels.TILES_ENV, json.dumps(moe_triton_tiles.best_tiles(best, "bf16")))
+    assert moe_kernels.tile_sizes(torch.bfloat16)["dx"] == {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4,
+                                                            "num_stages": 2}
+    assert moe_kernels.tile_sizes(torch.float32) == before[torch.float32]
 
 
 def test_launches_compute_the_op():
