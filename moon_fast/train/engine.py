@@ -168,10 +168,14 @@ class DeepSpeedEngine(Engine):
         return self.ds(batch, progress, gather)
 
     def backward(self, loss):
+        # DeepSpeed counts micro-batches in its step(): it must follow every micro-batch's backward, and
+        # updates only at the accumulation boundary. Called once per optimizer step (as it was), a run with
+        # grad_accum=2 updated every second step, on four micro-batches' gradients.
         self.ds.backward(loss)
+        self.ds.step()
 
     def step(self):
-        self.ds.step()
+        """The update itself ran in the last micro-batch's backward (DeepSpeed's step at the boundary)."""
         norm = self.ds.get_global_grad_norm()
         self.last_grad_norm = None if norm is None else float(norm)
 

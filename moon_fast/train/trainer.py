@@ -231,6 +231,7 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
             prof = _start_profiler(gpu)
         t0 = time.perf_counter()
         data_s = 0.0
+        lr = engine.lr()  # the rate this step uses (DeepSpeed's scheduler moves on in the last micro backward)
         for _ in range(cfg.train.grad_accum):
             td = time.perf_counter()
             with _data_errors():
@@ -250,7 +251,6 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
                                    f"{done[-1] if done else 'none'}") from e
             engine.backward(res.loss)
             win.add(float(res.loss.detach()), res.metrics)
-        lr = engine.lr()  # the rate this step used (the scheduler moves on in step())
         engine.step()
         if gpu:
             torch.cuda.synchronize()
