@@ -83,6 +83,22 @@ def test_eval_counts_and_warns_about_queries_that_fall_back(run_dir, tmp_path):
     assert {t: res[t]["n_query_fallback"] for t in RETRIEVAL} == {"t2mm": 2, "i2mm": 1, "mm2mm": 3, "t2i": 2, "i2t": 1}
 
 
+def test_eval_reads_the_catalog_images_list(run_dir):
+    """A record may name its image as the catalog does, ``images: [...]`` (the first is the product's), with
+    paths relative to the file like ``image``: it evaluates as the same record with ``image``."""
+    from moon_fast.eval import evaluate_checkpoint
+
+    run, cat = run_dir
+    records = [json.loads(line) for line in (cat / "heldout.jsonl").read_text().splitlines() if line.strip()][:5]
+    (cat / "five.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for r in records:
+        r["images"] = [r.pop("image")]
+    (cat / "five_images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    tasks = ("t2mm", "i2mm", "classification")
+    assert (evaluate_checkpoint(run, data=cat / "five_images.jsonl", tasks=tasks, verbose=False)
+            == evaluate_checkpoint(run, data=cat / "five.jsonl", tasks=tasks, verbose=False))
+
+
 def test_eval_errors(run_dir, tmp_path, capsys):
     run, _ = run_dir
     assert main(["eval", "--checkpoint", str(tmp_path / "nope")]) == 2

@@ -39,9 +39,13 @@ def load_records(path: str | os.PathLike) -> list[dict]:
         raise BadRecordError(f"{p}: expected a JSON list of records or one record per line, got a "
                              f"{type(recs).__name__}", cause="not a list")
     for r in recs:
+        if not isinstance(r, dict):
+            continue  # check_record_fields says which record and why
         for k in ("image", "query_image"):
-            if isinstance(r, dict) and isinstance(r.get(k), str):
+            if isinstance(r.get(k), str):
                 r[k] = resolve(p.parent, r[k])
+        if isinstance(r.get("images"), list):  # the catalog's form: the first one is the product's image
+            r["images"] = [resolve(p.parent, x) if isinstance(x, str) else x for x in r["images"]]
     return recs
 
 
