@@ -138,6 +138,13 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, data, env, reference):
     assert sorted(res) == [1, 2, 3, 4]
     for step in (3, 4):
         assert res[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, res)
+    # the schedule and the gradients go on as well (the losses alone are blind to a wrong lr at step 3)
+    lr = {d: {r["step"]: r["lr"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())}
+          for d in (reference(), out)}
+    assert lr[out] == lr[reference()]
+    norm_ref, norm_res = _grad_norms(reference()), _grad_norms(out)
+    for step in (3, 4):
+        assert norm_res[step] == pytest.approx(norm_ref[step], rel=1e-6), (step, norm_ref, norm_res)
     assert sorted(x.name for x in (out / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
 

@@ -140,3 +140,28 @@ def test_a_failing_rank_leaves_without_the_barrier(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         trainer.train(load_config("ci"), "unused")
     assert seen == [True]
+
+
+def test_resume_refuses_another_seed_or_stream_world(tmp_path):
+    """The seed orders the data, and in data.mode=stream each process has its own shard position: a resume
+    that changes either cannot continue exactly (a stream resume on another world size silently skipped 16
+    of 39 rows of the epoch)."""
+    meta = {"step": 1, "global_batch": 8, "seed": 0, "world_size": 2}
+    trainer.check_resume(tmp_path, meta, load_config("ci", ["data.mode=stream"]), world=2)
+    trainer.check_resume(tmp_path, meta, load_config("ci"), world=1)  # memory mode: the position is global
+    with pytest.raises(ConfigError, match="written by 2 processes and this run has 1; in data.mode=stream"):
+        trainer.check_resume(tmp_path, meta, load_config("ci", ["data.mode=stream"]), world=1)
+    with pytest.raises(ConfigError, match="trained with train.seed=0, this run asks for 5"):
+        trainer.check_resume(tmp_path, meta, load_config("ci", ["train.seed=5"]), world=2)
+
+
+def test_pretrained_options_shape_the_model_or_fail(run, tmp_path):
+    """model.pretrained with model.options: applied before the model is built. An option that reshapes it
+    (more experts) fails at the start; it used to be ignored in training and written into final/, which
+    then did not load. One that does not (a loss coefficient) is the trained model's."""
+    run()
+    final = tmp_path / "run" / "final"
+    with pytest.raises(ConfigError, match=r"^model: model.options \{'moe': \{'num_experts': 8\}\} do not fit"):
+        trainer.build_model(load_config("ci", [f"model.pretrained={final}", "model.options.moe.num_experts=8"]))
+    model = trainer.build_model(load_config("ci", [f"model.pretrained={final}", "model.options.loss.aux_coef=0.5"]))
+    assert model.moon_config.loss.aux_coef == 0.5

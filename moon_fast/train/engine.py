@@ -29,6 +29,23 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
+def _apply_optim(optimizer, scheduler, o) -> list[str]:
+    """The groups are param_groups' [decay, no decay] (DeepSpeed keeps their order); the scheduler's lambda
+    is this run's (LambdaLR does not save a closure), its step count the checkpoint's."""
+    g0 = optimizer.param_groups[0]
+    have = {"lr": scheduler.base_lrs[0], "betas": tuple(g0["betas"]), "eps": g0["eps"],
+            "weight_decay": g0["weight_decay"]}
+    want = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay}
+    changed = [f"optim.{k} {have[k]} -> {v}" for k, v in want.items() if have[k] != v]
+    for i, g in enumerate(optimizer.param_groups):
+        g["betas"], g["eps"], g["initial_lr"] = want["betas"], o.eps, o.lr
+        g["weight_decay"] = o.weight_decay if i == 0 else 0.0
+    scheduler.base_lrs = [o.lr] * len(scheduler.base_lrs)
+    for g, base, lam in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        g["lr"] = base * lam(scheduler.last_epoch)
+    return changed
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases, norms, scalars (logit scales) and embeddings' 1-D params."""
     decay, no_decay = [], []
@@ -63,6 +80,13 @@ class Engine:
     def gathered_params(self):
         """Context in which every parameter is whole on every rank (saving the final model)."""
         return contextlib.nullcontext()
+
+    def apply_optim_config(self) -> list[str]:
+        """After a checkpoint load: the optimizer and schedule take this run's ``optim.*`` and
+        ``train.max_steps``, not the saved ones (the saved lr was the old schedule's: a resume with more steps
+        ran its first step at the old rate, and a changed optim.lr was ignored). Unchanged values change
+        nothing, so an exact resume stays exact. Returns what changed, as "name old -> new"."""
+        return _apply_optim(self.scheduler.optimizer, self.scheduler, self.cfg.optim)
 
 
 class TorchEngine(Engine):

@@ -57,11 +57,16 @@ def build_model(cfg: Config):
         raise ConfigError("model: set model.backbone_checkpoint (a local Qwen2-VL / Qwen2.5-VL directory), "
                           "model.pretrained (a saved MoonModel) or model.preset (a random-init backbone)")
     if m.pretrained:
-        model = MoonModel.from_pretrained(m.pretrained)
-        if opts:
-            from moon_fast.model.config import apply_overrides
-
-            apply_overrides(model.moon_config, opts)
+        # the options change the saved config before the model is built (applied after, an option that shapes
+        # the model, e.g. moe.num_experts, was ignored in training but written into final/, which then failed
+        # to load): one that does not fit the saved weights is an error here
+        try:
+            model = MoonModel.from_pretrained(m.pretrained, **opts)
+        except ValueError as e:
+            if not opts:
+                raise
+            raise ConfigError(f"model: model.options {opts} do not fit the saved model {m.pretrained} (only options "
+                              f"that keep its weights' shapes, e.g. loss.* and backends.*, can change): {e}") from e
     elif m.backbone_checkpoint:
         model = MoonModel.from_backbone_checkpoint(m.backbone_checkpoint, **opts)
     else:
@@ -192,12 +197,14 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
     if ckpt is not None:
         state = load_checkpoint(ckpt, engine, info.rank, info.world)
         start = state["meta"]["step"]
-        check_resume(ckpt, state["meta"], cfg)
+        check_resume(ckpt, state["meta"], cfg, info.world)
+        changed = engine.apply_optim_config()
         try:
             loader.load_state_dict(state["data"])
         except ValueError as e:  # another data mode or catalog than the checkpoint's (the loader says which)
             raise ConfigError(f"--resume from {ckpt}: {e}") from e
-        _say(info, f"resumed from {ckpt} at step {start}")
+        _say(info, f"resumed from {ckpt} at step {start}"
+                   + (f"; this run's {', '.join(changed)}" if changed else ""))
     loader = Prefetcher(loader, enabled=cfg.data.prefetch)
     max_steps = cfg.train.max_steps
     peak, peak_src = device_peak(info.device, dtype)
@@ -281,7 +288,8 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
         bar.update(1)
         if step % cfg.train.checkpoint_every == 0 or step == max_steps:
             save_checkpoint(out, step, engine, info.rank, info.world, {"data": loader.state_dict()},
-                            {"max_steps": max_steps, "global_batch": cfg.train.global_batch},
+                            {"max_steps": max_steps, "global_batch": cfg.train.global_batch,
+                             "seed": cfg.train.seed, "data_mode": cfg.data.mode},
                             cfg.train.keep_checkpoints)
         _crash_point("step", step)
     bar.close()
@@ -330,12 +338,18 @@ class Diverged(RuntimeError):
     """The loss's inputs stopped being finite during training (a learning rate too high, no clipping)."""
 
 
-def check_resume(ckpt: Path, meta: dict, cfg: Config) -> None:
+def check_resume(ckpt: Path, meta: dict, cfg: Config, world: int) -> None:
     """A resume must be able to continue exactly: the same global batch (the data position counts
-    triplets), and steps left to train."""
-    if meta.get("global_batch") not in (None, cfg.train.global_batch):
-        raise ConfigError(f"--resume: {ckpt} was trained with train.global_batch={meta['global_batch']}, this run "
-                          f"asks for {cfg.train.global_batch}; an exact resume needs the same global batch")
+    triplets) and seed (it orders the data), in stream mode the same number of processes (each has its own
+    position in its shards), and steps left to train."""
+    for key, now in (("global_batch", cfg.train.global_batch), ("seed", cfg.train.seed)):
+        if meta.get(key) not in (None, now):
+            raise ConfigError(f"--resume: {ckpt} was trained with train.{key}={meta[key]}, this run asks for "
+                              f"{now}; an exact resume needs the same train.{key}")
+    if cfg.data.mode == "stream" and meta.get("world_size") not in (None, world):
+        raise ConfigError(f"--resume: {ckpt} was written by {meta['world_size']} processes and this run has {world}; "
+                          "in data.mode=stream each process has its own position in its shards, so resume with "
+                          f"{meta['world_size']} processes (data.mode=memory can change the number)")
     if meta["step"] >= cfg.train.max_steps:
         raise ConfigError(f"--resume: {ckpt} is at step {meta['step']}, and train.max_steps={cfg.train.max_steps} "
                           f"leaves nothing to train: raise train.max_steps (or --max-steps)")
