@@ -92,10 +92,3 @@ def moe_bytes(n_tokens: int, top_k: int, hidden: int, intermediate: int, n_exper
     act = n_tokens * hidden * elem_size
     w = n_experts * 3 * hidden * intermediate * elem_size
     return float(2 * act + w), float(3 * act + 2 * w)
-
-
-# ----------------------------------------------------------------------------- whole model
-
-def train_step_flops(flops_per_token: float, n_tokens: int) -> float:
-    """Forward + backward of a model step from its per-token cost (6 x active params + attention)."""
-    return float(flops_per_token) * n_tokens

@@ -1,6 +1,7 @@
 """Throughput accounting and metric sinks (metrics.jsonl, TensorBoard).
 
-TFLOP/s = flops_per_token x tokens/s (model FLOPs, forward + backward, as torchtitan counts them);
+TFLOP/s = the model FLOPs of the trained batches (forward + backward, as torchtitan counts them; the
+trainer's _flop_counter) over their time;
 MFU = TFLOP/s / peak. The peak is the dense bf16 datasheet figure of the GPU (table below) or, on a
 CPU or an unknown GPU, a matmul rate MEASURED once at start in the run's dtype (so a CPU MFU is
 relative to what this machine's matmul reaches, not to a datasheet).
