@@ -157,3 +157,18 @@ def test_one_failing_rank_ends_the_run(tmp_path, data, env):
                timeout=300)
     assert p.returncode != 0
     assert "MOON_FAST_RAISE: rank 1 fails at step of step 1" in p.stdout + p.stderr
+
+
+def test_bad_records_count_once_over_the_ranks(tmp_path, data, env):
+    """Every rank reads the whole manifests at start: a malformed triplet row is one bad record in the log
+    of a 2-process run (each rank's count was summed: 2)."""
+    import shutil
+
+    cat = tmp_path / "cat"
+    shutil.copytree(data, cat)
+    with open(cat / "triplets.jsonl", "a") as f:
+        f.write("{not json\n")
+    out = tmp_path / "run"
+    _ok(_train(out, cat, env, *EXACT, "train.max_steps=1", nproc=2))
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["bad_records"] == 1, rec

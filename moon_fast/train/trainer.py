@@ -186,6 +186,9 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
                                 cfg.data.max_text_tokens)
         loader = TripletLoader(data_dir, catalog, builder, micro_batch=mb, grad_accum=cfg.train.grad_accum,
                                rank=info.rank, world=info.world, seed=seed, mode=cfg.data.mode, bad=bad)
+    # Every rank read the same manifests so far: their bad records count once in the log, not once per rank;
+    # what each rank meets later (its own samples' images, its own stream shards) is summed over the ranks.
+    bad_at_start = bad.bad
 
     # Counted before the engine exists: ZeRO-3 partitions the parameters (numel 0 on every rank).
     n_params = sum(p.numel() for p in model.parameters())
@@ -272,7 +275,7 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
         if step % cfg.train.log_every == 0 or step == max_steps or step == start + 1:
             rec = win.reduce(info.world)
             rec.update(step=step, lr=lr, grad_norm=engine.last_grad_norm,
-                       bad_records=int(all_reduce_sum(bad.bad)))
+                       bad_records=bad_at_start + int(all_reduce_sum(bad.bad - bad_at_start)))
             if count_flops:
                 rec["mfu"] = rec["tflops"] / (peak * info.world)
             rec["peak_memory_mb"] = peak_memory_mb(info.device)
