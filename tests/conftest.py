@@ -41,3 +41,23 @@ def seed():
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+@pytest.fixture(scope="session")
+def small_catalog(tmp_path_factory):
+    """A 16-product synthetic catalog for training tests (read-only: copy it to change it)."""
+    from moon_fast.data import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("data") / "cat", products=16, seed=2, workers=1, verbose=False)
+
+
+@pytest.fixture
+def in_process(monkeypatch, tmp_path):
+    """Makes trainer.train run in this process as rank 0 of 1 (no process group), with its own cache."""
+    from utils import OneCpuProcess
+
+    from moon_fast.train import trainer
+
+    monkeypatch.setattr(trainer, "setup", lambda *a, **k: OneCpuProcess())
+    monkeypatch.setenv("MOON_FAST_CACHE", str(tmp_path / "cache"))
+    return trainer

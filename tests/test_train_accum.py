@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from utils import OneCpuProcess
 
 from moon_fast.train import trainer
 from moon_fast.train.config import load_config
@@ -44,16 +45,9 @@ ARGS = ["train.global_batch=8", "train.grad_accum=2", f"train.max_steps={STEPS}"
         "train.checkpoint_every=100", "train.evaluate=false", "train.progress=false", "train.dtype=fp32"]
 
 
-class _Info:
-    rank, world, local_rank, initialized_here, is_main = 0, 1, 0, False, True
-    device = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory):
-    from moon_fast.data import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("data") / "cat", products=16, seed=2, workers=1, verbose=False)
+@pytest.fixture
+def catalog(small_catalog):
+    return small_catalog
 
 
 def _triplets(batch) -> list[tuple]:
@@ -122,7 +116,7 @@ def _free_port() -> int:
 def _run(engine: str, catalog: Path, out: Path, monkeypatch, tmp_path: Path) -> None:
     overrides = [f"distributed.engine={engine}", *ARGS]
     if engine == "torch":  # in this process, as tests/test_train_failures.py does
-        monkeypatch.setattr(trainer, "setup", lambda *a, **k: _Info())
+        monkeypatch.setattr(trainer, "setup", lambda *a, **k: OneCpuProcess())
         monkeypatch.setenv("MOON_FAST_CACHE", str(tmp_path / "cache"))
         trainer.train(load_config("ci", [f"data.path={catalog}", *overrides]), out)
         return

@@ -67,18 +67,11 @@ def test_cli_errors_before_work(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_resume_without_checkpoint_is_an_error(tmp_path, monkeypatch):
-    from moon_fast.train import trainer
-
-    monkeypatch.setattr(trainer, "setup", lambda *a, **k: _Info())
+def test_resume_without_checkpoint_is_an_error(tmp_path, monkeypatch, in_process):
+    trainer = in_process
     monkeypatch.setattr(trainer, "teardown", lambda info, failed=False: None)
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         trainer.train(load_config("ci"), tmp_path / "empty", resume=True)
-
-
-class _Info:
-    rank, world, local_rank, initialized_here, is_main = 0, 1, 0, False, True
-    device = __import__("torch").device("cpu")
 
 
 def test_warmup_cosine_schedule():

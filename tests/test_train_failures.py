@@ -7,30 +7,21 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from utils import OneCpuProcess
 
 from moon_fast.train import distributed, trainer
 from moon_fast.train.checkpoint import CheckpointError
 from moon_fast.train.config import ConfigError, load_config
 
 
-class _Info:
-    rank, world, local_rank, initialized_here, is_main = 0, 1, 0, False, True
-    device = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory):
-    from moon_fast.data import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("data") / "cat", products=16, seed=2, workers=1, verbose=False)
+@pytest.fixture
+def catalog(small_catalog):
+    return small_catalog
 
 
 @pytest.fixture
-def run(catalog, monkeypatch, tmp_path):
+def run(catalog, in_process, tmp_path):
     """run(*overrides, resume=False) trains the ci preset for 1 step into tmp_path / "run" by default."""
-    monkeypatch.setattr(trainer, "setup", lambda *a, **k: _Info())
-    monkeypatch.setenv("MOON_FAST_CACHE", str(tmp_path / "cache"))
 
     def go(*overrides: str, resume: bool = False):
         cfg = load_config("ci", [f"data.path={catalog}", "train.max_steps=1", "train.evaluate=false",
@@ -122,7 +113,7 @@ def test_a_failing_rank_leaves_without_the_barrier(monkeypatch):
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
     monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
-    info = _Info()
+    info = OneCpuProcess()
     info.initialized_here = True
     distributed.teardown(info, failed=True)
     assert calls == []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from test_model_batches import make_encoder_batch
 
 from moon_fast.data.batch import IMAGE, MULTIMODAL, TEXT
@@ -30,19 +29,11 @@ def test_flop_counter_sums_flops_per_token_over_the_packed_sequences():
     assert want > 2 * batch.input_ids.numel() * model.flops_per_token(seq_len=0)
 
 
-def test_logged_tflops_are_the_counted_flops_over_the_step_time(monkeypatch, tmp_path):
+def test_logged_tflops_are_the_counted_flops_over_the_step_time(small_catalog, in_process, monkeypatch, tmp_path):
     """The trainer logs the counter's FLOPs of the window's batches over the window's time (it used to log
     flops_per_token() with its defaults times tokens/s)."""
-    from moon_fast.data import synthesize
-
-    class _Info:
-        rank, world, local_rank, initialized_here, is_main = 0, 1, 0, False, True
-        device = torch.device("cpu")
-
-    cat = synthesize(tmp_path / "cat", products=16, seed=2, workers=1, verbose=False)
-    monkeypatch.setattr(trainer, "setup", lambda *a, **k: _Info())
     monkeypatch.setattr(trainer, "_flop_counter", lambda model: lambda enc: 1e9 * enc.input_ids.numel())
-    cfg = load_config("ci", [f"data.path={cat}", "train.max_steps=2", "train.grad_accum=2", "train.evaluate=false",
+    cfg = load_config("ci", [f"data.path={small_catalog}", "train.max_steps=2", "train.grad_accum=2", "train.evaluate=false",
                              "distributed.engine=torch"])
     trainer.train(cfg, tmp_path / "run")
     for rec in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()):

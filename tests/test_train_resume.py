@@ -22,11 +22,9 @@ COMMON = ["train.global_batch=8", "train.log_every=1", "train.checkpoint_every=2
           "train.progress=false", "train.dtype=fp32", "optim.warmup_steps=1", "optim.min_lr_ratio=0.05"]
 
 
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory):
-    from moon_fast.data import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("data") / "cat", products=16, seed=2, workers=1, verbose=False)
+@pytest.fixture
+def catalog(small_catalog):
+    return small_catalog
 
 
 def _free_port() -> int:

@@ -68,3 +68,9 @@ def unit(*rows) -> torch.Tensor:
     """L2-normalised float32 rows, for hand-computed embedding cases."""
     t = torch.tensor(rows, dtype=torch.float32)
     return t / t.norm(dim=1, keepdim=True)
+
+
+class OneCpuProcess:
+    """What moon_fast.train.distributed.setup returns for a run in this process: rank 0 of 1, on the CPU."""
+    rank, world, local_rank, initialized_here, is_main = 0, 1, 0, False, True
+    device = torch.device("cpu")
