@@ -209,5 +209,10 @@ def test_logit_scale_is_clamped():
     m = MoonModel.from_preset("tiny", loss={"logit_scale_init": 500.0})
     inter, intra = m.logit_scales()
     assert inter.item() == pytest.approx(100.0) and intra.item() == pytest.approx(100.0)
+    # the parameter itself is clamped (CLIP), so the loss still has a gradient for it at the cap: clamping
+    # exp(parameter) gave it none there, and the scale stuck above the cap for good
+    assert m.logit_scale_inter.item() == pytest.approx(math.log(100.0))
+    m.compute_loss(make_triplet_batch(6, 3), progress=0.2).loss.backward()
+    assert m.logit_scale_inter.grad.abs() > 1e-3 and m.logit_scale_intra.grad.abs() > 1e-3
     fixed = MoonModel.from_preset("tiny", loss={"learnable_logit_scale": False})
     assert not fixed.logit_scale_inter.requires_grad

@@ -36,7 +36,7 @@ from moon_fast.model.config import OBJECTIVES, MoonConfig, apply_overrides
 from moon_fast.model.dsf import dsf_weights
 from moon_fast.model.moe_layer import RoutingContext
 from moon_fast.model.objectives import inter_product_losses, intra_product_loss, objective_members
-from moon_fast.model.param_call import ParamCall, float_exp
+from moon_fast.model.param_call import ParamCall, capped_float_exp
 from moon_fast.model.presets import SUPPORTED_MODEL_TYPES, backbone_classes, preset_backbone_config
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class MoonModel(nn.Module):
         self.logit_scale_inter = nn.Parameter(init.clone(), requires_grad=lc.learnable_logit_scale)
         self.logit_scale_intra = nn.Parameter(init.clone(), requires_grad=lc.learnable_logit_scale)
         # The loss reads the scales outside any forward: through a module call (ZeRO-3, param_call.py).
-        self.logit_scale_call = ParamCall(float_exp, self.logit_scale_inter, self.logit_scale_intra)
+        self.logit_scale_call = ParamCall(capped_float_exp, self.logit_scale_inter, self.logit_scale_intra)
         self._warned_fixed = False
 
     # ------------------------------------------------------------------ construction
@@ -213,10 +213,8 @@ class MoonModel(nn.Module):
         return bb.moe_layers(self.backbone)
 
     def logit_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inter, intra) = exp(parameter) clamped at loss.logit_scale_max (CLIP)."""
-        mx = self.moon_config.loss.logit_scale_max
-        inter, intra = self.logit_scale_call()
-        return inter.clamp(max=mx), intra.clamp(max=mx)
+        """(inter, intra) = exp(parameter), the parameters clamped at log(loss.logit_scale_max) first (CLIP)."""
+        return self.logit_scale_call(math.log(self.moon_config.loss.logit_scale_max))
 
     def _set_attn_implementation(self, name: str) -> None:
         if name == "moon_fast":

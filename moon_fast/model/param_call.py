@@ -9,7 +9,7 @@ backbone ran) is seen empty: in the forward, and, worse, when autograd accumulat
 is silently dropped). Registering such parameters on an outer module only covers the forward when
 that module returns something other than tensors (``LossOutput``): DeepSpeed cannot hook it.
 
-``ParamCall(fn, *params)`` is a parameter-free child module whose forward returns ``fn(*params)``
+``ParamCall(fn, *params)`` is a parameter-free child module whose forward returns ``fn(*args, *params)``
 (a tensor or a tuple of tensors). Under ZeRO-3 it registers ``params`` as its external parameters
 (:func:`deepspeed.zero.register_external_parameter`, on first call once they are ZeRO parameters),
 so they are gathered for the call and again, through the hooks on its outputs, before their gradient
@@ -26,7 +26,7 @@ import torch.nn as nn
 
 
 class ParamCall(nn.Module):
-    """forward() -> fn(*params). ``fn`` must be picklable (a module-level function or a
+    """forward(*args) -> fn(*args, *params). ``fn`` must be picklable (a module-level function or a
     functools.partial of one) and return a tensor or a tuple of tensors."""
 
     def __init__(self, fn: Callable, *params: nn.Parameter):
@@ -36,17 +36,17 @@ class ParamCall(nn.Module):
         self._params: tuple[nn.Parameter, ...] = tuple(params)
         self._zero3_registered = False
 
-    def __call__(self):
+    def __call__(self, *args):
         if not self._zero3_registered and any(hasattr(p, "ds_id") for p in self._params):
             import deepspeed
 
             for p in self._params:
                 deepspeed.zero.register_external_parameter(self, p)
             self._zero3_registered = True
-        return super().__call__()
+        return super().__call__(*args)
 
-    def forward(self):
-        return self.fn(*self._params)
+    def forward(self, *args):
+        return self.fn(*args, *self._params)
 
     def extra_repr(self) -> str:
         name = getattr(self.fn, "__name__", None) or getattr(getattr(self.fn, "func", None), "__name__", "fn")
@@ -58,6 +58,12 @@ def log_softmax_rows(w: torch.Tensor) -> torch.Tensor:
     return w.float().log_softmax(dim=1)
 
 
-def float_exp(*log_scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """float32 exp(s) for each (0-dim) log scale."""
+def capped_float_exp(max_log: float, *log_scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """float32 exp(s) for each (0-dim) log scale, after clamping the parameter itself at ``max_log`` in place
+    (as CLIP does): its gradient still flows at the cap. Clamping exp(s) instead gave s a zero gradient
+    above the cap, where the optimizer's momentum could leave it for good. Under ZeRO-3 the clamp holds for
+    this call only (the gathered copy is not written back); the value used is capped all the same."""
+    with torch.no_grad():
+        for s in log_scales:
+            s.clamp_(max=max_log)
     return tuple(s.float().exp() for s in log_scales)
