@@ -80,3 +80,21 @@ def test_warmup_cosine_schedule():
     assert f(4) == pytest.approx(1.0) and f(20) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
     vals = [f(s) for s in range(4, 21)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_weight_decay_groups():
+    """Decay on the weight matrices (router included), none on 1-D and 0-dim parameters or on the MoE
+    layers' W* (the method regularises it by L_sparsity alone)."""
+    from moon_fast.model import MoonModel
+    from moon_fast.train.engine import param_groups
+
+    model = MoonModel.from_preset("tiny")
+    decay, no_decay = (set(map(id, g["params"])) for g in param_groups(model, 0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    alignment = [n for n in names.values() if n.endswith(".alignment")]
+    assert len(alignment) == len(model.moe_layers()) > 0
+    assert not {names[i] for i in decay} & set(alignment)
+    assert all(model.get_parameter(n).ndim >= 2 for n in (names[i] for i in decay))
+    assert any(n.endswith("router.weight") for n in (names[i] for i in decay))
+    assert {"logit_scale_inter", "logit_scale_intra", *alignment} <= {names[i] for i in no_decay}
+    assert len(decay) + len(no_decay) == sum(1 for p in model.parameters() if p.requires_grad)

@@ -30,7 +30,8 @@ class MoEConfig:
     layers:              decoder layer indices whose FFN becomes a ModalityMoE; None = all (the paper
                          does not say which; all is the simplest reading of "replaces the FFN").
     num_experts:         Z routed experts. Default 4: the paper gives no number; 4 keeps the tiny demo
-                         cheap and is enough for one expert per composition plus one.
+                         cheap. (The restricted modes need top_k experts per group or more: with
+                         top_k=2, 6 for composition-restricted routing.)
     top_k:               experts per token (default 2, as Mixtral / the paper's "top-k").
     num_shared_experts:  experts every token always uses (default 0: the paper has none).
     shared_expert_weight: share of the output given to the shared experts (the routed experts get the
@@ -142,8 +143,9 @@ class LossConfig:
                          L_inter + L_intra with equal query modalities).
     objective_weight_scale: learned w_m are multiplied by this. None = M (the number of objectives), so
                          that at initialisation (W* = 0, p uniform) every w_m = 1 and the loss starts at
-                         the same scale as the fixed-weight baseline (the paper's w_m sum to 1 per sample,
-                         which would quarter the effective learning rate).
+                         the same scale as the fixed-weight baseline. (The paper's w_m sum to 1 per sample.
+                         AdamW's steps do not depend on the loss's scale, but a quarter of it would
+                         quadruple the weight of L_aux and L_sparsity against the objectives.)
     detach_routing_in_objective_weights: the objective weights take G~ without gradient, so the
                          weighting trains W* but does not pull the router towards the easiest objective
                          (the router is trained by the expert outputs and L_aux). Default True.
@@ -156,8 +158,9 @@ class LossConfig:
                          [-1, 1] and typical positive/negative gaps 0.05..0.5, so kappa=10 maps a gap of
                          0.1 above the margin to phi ~ 0.73.
     dsf_margin_start, dsf_margin_end, dsf_schedule: m decays from start to end over training progress
-                         ("linear" or "cosine"). Defaults 0.1 -> 0.0 linear: early training demands a
-                         clear 0.1 gap, late training admits any triplet whose positive wins.
+                         ("linear" or "cosine"). Defaults 0.1 -> 0.0 linear. A triplet keeps full weight
+                         when phi >= dsf_threshold, i.e. a gap above m + ln(t / (1 - t)) / kappa (0.041
+                         at t = 0.6, kappa = 10): 0.141 early in training, 0.041 at the end.
     dsf_threshold:       0.6 (paper).
     dsf_mode:            what happens below the threshold: "soft" (weight = phi; default: the paper says
                          "down-weighted", not dropped, and a randomly initialised model sees no clear

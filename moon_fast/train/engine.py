@@ -47,12 +47,14 @@ def _apply_optim(optimizer, scheduler, o) -> list[str]:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, scalars (logit scales) and embeddings' 1-D params."""
+    """No weight decay on biases, norms, scalars (logit scales), embeddings' 1-D params, and the MoE layers'
+    dual-alignment matrices W* (``.alignment``): the method regularises W* by L_sparsity alone, and decay
+    would pull its objective distributions towards uniform, against L_sparsity."""
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (decay if p.ndim >= 2 and not name.endswith(".alignment") else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
