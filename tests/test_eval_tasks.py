@@ -39,6 +39,10 @@ def test_evaluate_embeddings_by_hand():
     assert r["attribute"]["accuracy"] == pytest.approx(2 / 3)
     assert r["attribute"]["accuracy/colour"] == pytest.approx(2 / 3)
     assert r["attribute"]["n_samples"] == 3
+    # macro over the (name, value) labels: colour=red P 1/1, R 1/2; colour=blue P 1/2, R 1/1; F1 2/3 each
+    assert r["attribute"]["precision"] == pytest.approx(0.75)
+    assert r["attribute"]["recall"] == pytest.approx(0.75)
+    assert r["attribute"]["f1"] == pytest.approx(2 / 3)
     table = format_results(r)
     assert "t2mm" in table and "75.00" in table
 

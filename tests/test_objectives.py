@@ -216,3 +216,15 @@ def test_logit_scale_is_clamped():
     assert m.logit_scale_inter.grad.abs() > 1e-3 and m.logit_scale_intra.grad.abs() > 1e-3
     fixed = MoonModel.from_preset("tiny", loss={"learnable_logit_scale": False})
     assert not fixed.logit_scale_inter.requires_grad
+
+
+@pytest.mark.parametrize("moe", [{}, {"num_shared_experts": 1}, {"restrict": "token", "num_experts": 4}])
+def test_learned_objective_weights_start_at_one(moe):
+    """W* = 0 at initialisation: p_z is uniform over the M objectives, so w_m = M * sum_z G~_z / M = 1 for
+    every objective, whatever the routing (G~ sums to 1 over the routed experts), as the fixed-weight
+    baseline; with shared experts and restricted routing too."""
+    m = MoonModel.from_preset("tiny", moe=moe)
+    assert all(bool((layer.alignment == 0).all()) for layer in m.moe_layers())
+    out = m.compute_loss(make_triplet_batch(6, 3), progress=0.2)
+    for name in OBJECTIVES:
+        assert float(out.metrics[f"weight/{name}"]) == pytest.approx(1.0, abs=1e-6), name
