@@ -458,18 +458,22 @@ class MoonModel(nn.Module):
 
         seq_len: the typical sample length; image_token_fraction: share of tokens that are image
         tokens. Approximate: norms, softmax, rotary, vision attention and the loss are left out."""
+        per_token, per_token_and_length, per_image_token = self.flop_terms()
+        return per_token + per_token_and_length * seq_len + per_image_token * image_token_fraction
+
+    def flop_terms(self) -> tuple[float, float, float]:
+        """flops_per_token's three terms: (6 * N_active, 6 * layers * heads * head_dim, 6 * N_vision *
+        merge^2), i.e. per token, per token and unit of its sequence's length, and per image token (the
+        trainer counts a packed batch's FLOPs with them)."""
         lm = bb.language_model(self.backbone)
         n_lm = sum(_numel(p) for n, p in lm.named_parameters() if not n.startswith("embed_tokens"))
         for layer in self.moe_layers():
             n_lm -= _expert_numel(layer) * (layer.num_experts - layer.top_k)
         tc = bb.text_config(self.backbone)
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        attn = 6 * tc.num_hidden_layers * seq_len * tc.num_attention_heads * head_dim
-        flops = 6 * n_lm + attn
-        if image_token_fraction:
-            n_vis = sum(_numel(p) for p in self.backbone.visual.parameters())
-            flops += image_token_fraction * 6 * n_vis * bb.spatial_merge_size(self.backbone) ** 2
-        return float(flops)
+        n_vis = sum(_numel(p) for p in self.backbone.visual.parameters())
+        return (float(6 * n_lm), float(6 * tc.num_hidden_layers * tc.num_attention_heads * head_dim),
+                float(6 * n_vis * bb.spatial_merge_size(self.backbone) ** 2))
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -292,7 +292,7 @@ def _train(cfg: Config, out: Path, resume: bool, info) -> dict:
         if step % cfg.train.checkpoint_every == 0 or step == max_steps:
             save_checkpoint(out, step, engine, info.rank, info.world, {"data": loader.state_dict()},
                             {"max_steps": max_steps, "global_batch": cfg.train.global_batch,
-                             "seed": cfg.train.seed, "data_mode": cfg.data.mode},
+                             "seed": cfg.train.seed},
                             cfg.train.keep_checkpoints)
         _crash_point("step", step)
     bar.close()
@@ -342,17 +342,14 @@ class Diverged(RuntimeError):
 
 
 def _flop_counter(model):
-    """A function giving the training FLOPs of one packed encoder batch, from the terms of
-    ``model.flops_per_token`` taken per batch: the language model per token, attention per token times its
-    own sequence's length (sum of L_i^2 over the packed sequences), the vision tower per image token. (One
-    flops_per_token() with its defaults, 64-token sequences and no image tokens, logged about half of the
-    tiny model's FLOPs on the synthetic catalog, whose batches are 61% image tokens.) None without
-    flops_per_token. Terms taken before the engine exists: ZeRO-3 partitions the parameters."""
-    if not hasattr(model, "flops_per_token"):
+    """A function giving the training FLOPs of one packed encoder batch from ``model.flop_terms()``: the
+    language model per token, attention per token times its own sequence's length (the sum of L_i^2 over
+    the packed sequences), the vision tower per image token. (One flops_per_token() with its defaults,
+    64-token sequences and no image tokens, left out most of the vision tower's FLOPs.) None without
+    flop_terms. Taken before the engine exists: ZeRO-3 partitions the parameters."""
+    if not hasattr(model, "flop_terms"):
         return None
-    base = model.flops_per_token(seq_len=0)
-    per_length = model.flops_per_token(seq_len=1) - base
-    per_image_token = model.flops_per_token(seq_len=0, image_token_fraction=1.0) - base
+    base, per_length, per_image_token = model.flop_terms()
     image_id = getattr(getattr(getattr(model, "backbone", None), "config", None), "image_token_id", None)
 
     def count(enc) -> float:
